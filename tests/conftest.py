@@ -1,0 +1,86 @@
+"""Fixtures shared by every layer: a clean environment and the emulator as a real server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from pytest_aiohttp import AiohttpServer
+
+from emulator.app import create_emulator_app
+from emulator.faults import Faults
+
+TEST_SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXdhdmVjaGFpbg=="
+API_KEY = "test-key"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach a real provider or AWS account through the environment."""
+    for name in list(os.environ):
+        if name.startswith(("WAVESPEED_", "AIMLAPI_", "AWS_", "S3_", "SNS_", "DATABASE_URL")):
+            monkeypatch.delenv(name, raising=False)
+
+
+@dataclass
+class Emulator:
+    """A running emulator and a session that talks to it."""
+
+    base_url: str
+    secret: str
+    http: aiohttp.ClientSession
+
+    async def set_faults(self, **changes: Any) -> dict[str, Any]:
+        async with self.http.put(f"{self.base_url}/_emulator/faults", json=changes) as resp:
+            assert resp.status == 200, await resp.text()
+            result: dict[str, Any] = await resp.json()
+            return result
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.http.get(f"{self.base_url}/_emulator/stats") as resp:
+            result: dict[str, Any] = await resp.json()
+            return result
+
+    async def counters(self) -> dict[str, int]:
+        counters: dict[str, int] = (await self.stats())["counters"]
+        return counters
+
+    async def deliveries(self) -> list[dict[str, Any]]:
+        async with self.http.get(f"{self.base_url}/_emulator/deliveries") as resp:
+            result: list[dict[str, Any]] = await resp.json()
+            return result
+
+    async def fetch(self, url: str) -> tuple[int, str, bytes]:
+        async with self.http.get(url) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), await resp.read()
+
+
+EmulatorFactory = Callable[..., Awaitable[Emulator]]
+
+
+@pytest.fixture
+async def make_emulator(aiohttp_server: AiohttpServer) -> AsyncIterator[EmulatorFactory]:
+    """Start emulators on 127.0.0.1, free port, over real TCP; each with its own faults."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def factory(**faults: Any) -> Emulator:
+        faults.setdefault("latency_s", 0.05)
+        faults.setdefault("webhook_backoff_s", 0.05)
+        app = create_emulator_app(Faults().updated(faults), webhook_secret=TEST_SECRET)
+        server = await aiohttp_server(app, host="127.0.0.1")
+        http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"})
+        sessions.append(http)
+        return Emulator(base_url=str(server.make_url("")).rstrip("/"), secret=TEST_SECRET, http=http)
+
+    yield factory
+    for http in sessions:
+        await http.close()
+
+
+@pytest.fixture
+async def emulator(make_emulator: EmulatorFactory) -> Emulator:
+    return await make_emulator()
