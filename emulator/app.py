@@ -210,7 +210,9 @@ async def aiml_generate(request: web.Request) -> web.Response:
         if params["sync_mode"]:
             images.append({"b64_json": base64.b64encode(data).decode()})
         else:
-            images.append({"url": provider.store_output(_origin(request), f"{stem}/{n}", fmt, data)})
+            images.append(
+                {"url": provider.store_output(_origin(request), f"{stem}/{n}", fmt, data)}
+            )
     credits = 210_000 * len(images)
     return web.json_response({"data": images, "meta": {"usage": {"credits_used": credits}}})
 
@@ -226,9 +228,7 @@ def _free_box_header(padding: int) -> bytes:
     return struct.pack(">I4sQ", 1, b"free", padding)
 
 
-async def _stream(
-    request: web.Request, stored: StoredFile, filename: str
-) -> web.StreamResponse:
+async def _stream(request: web.Request, stored: StoredFile, filename: str) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": stored.content_type,
@@ -299,7 +299,7 @@ async def get_stats(request: web.Request) -> web.Response:
 async def get_deliveries(request: web.Request) -> web.Response:
     rows = [
         {"task_id": d.task_id, "webhook_id": d.webhook_id, "attempt": d.attempt,
-         "status": d.status, "error": d.error}
+         "status": d.status, "error": d.error, "at": d.at}
         for d in request.app[PROVIDER].deliveries
     ]  # fmt: skip
     return web.json_response(rows)
@@ -346,4 +346,3 @@ def create_emulator_app(
     r.add_get("/_emulator/deliveries", get_deliveries)
     r.add_post("/_emulator/reset", reset)
     return app
-

@@ -92,7 +92,8 @@ def render_video(
             picture = background.copy()
             x = (width - side) * n // max(frames - 1, 1)
             picture.paste(colours[n % 8], (x, (height - side) // 2, x + side, (height + side) // 2))
-            for packet in stream.encode(av.VideoFrame.from_image(picture)):
+            frame = av.VideoFrame.from_image(picture)  # type: ignore[no-untyped-call]
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -100,9 +101,7 @@ def render_video(
 
 
 # A unit cube: 8 corners, 12 triangles.
-_CUBE_POSITIONS: Final = [
-    (x, y, z) for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)
-]
+_CUBE_POSITIONS: Final = [(x, y, z) for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)]
 _CUBE_INDICES: Final = [
     0, 1, 3, 0, 3, 2, 4, 6, 7, 4, 7, 5, 0, 4, 5, 0, 5, 1,
     2, 3, 7, 2, 7, 6, 0, 2, 6, 0, 6, 4, 1, 5, 7, 1, 7, 3,

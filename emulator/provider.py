@@ -86,6 +86,7 @@ class Delivery:
     attempt: int
     status: int | None
     error: str = ""
+    at: float = field(default_factory=time.monotonic)
 
 
 class MediaStore:
@@ -174,7 +175,8 @@ class Provider:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Provider.start() was not called"
+        if self._session is None:
+            raise RuntimeError("Provider.start() was not called")
         return self._session
 
     def chance(self, rate: float) -> bool:
@@ -214,7 +216,7 @@ class Provider:
         task.inference_ms = int((time.monotonic() - started) * 1000)
         task.done.set()
         if task.webhook is not None:
-            self._schedule_webhook(task)
+            self._schedule_webhook(task, task.webhook)
 
     async def _produce(self, task: Task) -> list[str]:
         params, rules = task.params, task.rules
@@ -271,9 +273,7 @@ class Provider:
                     raise TaskFailure(f"1402: input media URL not fetchable: HTTP {resp.status}")
                 body = await resp.content.read(MAX_INPUT_IMAGE_BYTES + 1)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TaskFailure(
-                f"1402: input media URL not fetchable: {type(exc).__name__}"
-            ) from exc
+            raise TaskFailure(f"1402: input media URL not fetchable: {type(exc).__name__}") from exc
         if len(body) > MAX_INPUT_IMAGE_BYTES:
             raise TaskFailure("1402: input media too large")
         if not body.startswith((b"\x89PNG", b"\xff\xd8", b"RIFF")):
@@ -282,7 +282,7 @@ class Provider:
 
     # webhooks ----------------------------------------------------------------
 
-    def _schedule_webhook(self, task: Task) -> None:
+    def _schedule_webhook(self, task: Task, url: str) -> None:
         faults = self.faults
         if self.chance(faults.drop_rate):
             self.stats["webhooks_dropped"] += 1
@@ -293,10 +293,11 @@ class Provider:
         for copy in range(copies):
             copy_id = f"msg_{uuid.uuid4().hex}" if copy and faults.duplicate_new_id else webhook_id
             delay = faults.delivery_delay_s + self.rng.random() * faults.delivery_jitter_s
-            self.spawn(self._deliver(task, copy_id, body, delay))
+            self.spawn(self._deliver(url, task.id, copy_id, body, delay))
 
-    async def _deliver(self, task: Task, webhook_id: str, body: bytes, delay: float) -> None:
-        assert task.webhook is not None
+    async def _deliver(
+        self, url: str, task_id: str, webhook_id: str, body: bytes, delay: float
+    ) -> None:
         await asyncio.sleep(delay)
         faults = self.faults
         for attempt in range(faults.webhook_retries + 1):
@@ -313,7 +314,7 @@ class Provider:
             self.stats["webhook_attempts"] += 1
             try:
                 async with self.session.post(
-                    task.webhook,
+                    url,
                     data=body,
                     headers=headers,
                     allow_redirects=False,
@@ -322,9 +323,9 @@ class Provider:
                     await resp.read()
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError) as exc:
-                self.deliveries.append(Delivery(task.id, webhook_id, attempt, None, repr(exc)))
+                self.deliveries.append(Delivery(task_id, webhook_id, attempt, None, repr(exc)))
                 continue
-            self.deliveries.append(Delivery(task.id, webhook_id, attempt, status))
+            self.deliveries.append(Delivery(task_id, webhook_id, attempt, status))
             if 200 <= status < 300:
                 self.stats["webhooks_delivered"] += 1
                 return

@@ -242,7 +242,7 @@ AIMLAPI_RULES = ModelRules(
 
 
 def output_size(params: Mapping[str, Any], default: str) -> tuple[int, int]:
-    """Width and height a request asks for, from ``size``, ``width``/``height`` or ``image_size``."""
+    """Width and height asked for: ``size``, ``width``/``height`` or ``image_size``."""
     if "image_size" in params:
         size = params["image_size"]
         if isinstance(size, str):

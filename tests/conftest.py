@@ -74,7 +74,9 @@ async def make_emulator(aiohttp_server: AiohttpServer) -> AsyncIterator[Emulator
         server = await aiohttp_server(app, host="127.0.0.1")
         http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"})
         sessions.append(http)
-        return Emulator(base_url=str(server.make_url("")).rstrip("/"), secret=TEST_SECRET, http=http)
+        return Emulator(
+            base_url=str(server.make_url("")).rstrip("/"), secret=TEST_SECRET, http=http
+        )
 
     yield factory
     for http in sessions:

@@ -125,7 +125,7 @@ async def test_get_result_follows_lifecycle(make_emulator: EmulatorFactory) -> N
     emulator = await make_emulator(latency_s=0.6)
     sdk = client(emulator)
     task_id, _ = await asyncio.to_thread(sdk._submit, T2V, {"prompt": "x"})
-    seen = []
+    seen: list[str] = []
     for _ in range(100):
         data = (await asyncio.to_thread(sdk.get_result, task_id))["data"]
         if not seen or seen[-1] != data["status"]:
@@ -275,7 +275,11 @@ async def aiml(emulator: Emulator, **params: Any) -> tuple[int, dict[str, Any]]:
 
 @pytest.mark.parametrize(
     ("image_size", "expected"),
-    [("landscape_16_9", (1280, 768)), (None, (1024, 1024)), ({"width": 640, "height": 480}, (640, 480))],
+    [
+        ("landscape_16_9", (1280, 768)),
+        (None, (1024, 1024)),
+        ({"width": 640, "height": 480}, (640, 480)),
+    ],
 )
 async def test_aimlapi_sync_generation(
     emulator: Emulator, image_size: Any, expected: tuple[int, int]

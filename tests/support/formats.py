@@ -11,7 +11,9 @@ from typing import Any
 _CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
 
 
-def iter_boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
+def iter_boxes(
+    data: bytes, start: int = 0, end: int | None = None
+) -> Iterator[tuple[bytes, int, int]]:
     """Yield (type, payload_start, box_end) for ISO-BMFF boxes between start and end."""
     end = len(data) if end is None else end
     pos = start

@@ -109,7 +109,7 @@ def test_space_separated_entries() -> None:
         ({"webhook-id": "msg_1", "webhook-timestamp": str(TS)}, "missing_header"),
         (headers(ts="17e8"), "bad_timestamp"),
         (headers(ts="-1"), "bad_timestamp"),
-        (headers(ts="１７００"), "bad_timestamp"),
+        (headers(ts="\uff11\uff17\uff10\uff10"), "bad_timestamp"),
         (headers("v1,abc"), "bad_signature_header"),
         (headers("2213a539cefb"), "bad_signature_header"),
         (headers("v3,"), "bad_signature_header"),
