@@ -1,0 +1,305 @@
+"""The run/stage state machine: ``decide(pipeline, state, event, now=) -> Decision``.
+
+Rules of this module:
+- It does no I/O and reads no clock: time comes in as ``now``. It imports nothing
+  from aiohttp, boto3, anyio, sqlite3 or structlog (a unit test enforces this).
+- Everything that affects transitions lives here. The store persists what
+  ``decide`` returns; the engine carries out the commands.
+- Duplicate and stale events (an old attempt, a task id that does not match, a
+  stage already terminal) return the same state and no commands. Events that
+  cannot happen in any valid history raise ``InvalidTransitionError``.
+
+A stage's ``attempt`` counts submissions: 0 means not yet scheduled; each Submit
+command carries the attempt it is for, and results for other attempts are stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pipelines.spec import Pipeline
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"  #: waiting for upstream, for its submit job, or for a retry
+    SUBMITTED = "submitted"  #: the provider accepted the task
+    PROCESSING = "processing"  #: the provider reported it running
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (StageStatus.SUCCEEDED, StageStatus.FAILED, StageStatus.CANCELLED)
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class StageState:
+    status: StageStatus = StageStatus.PENDING
+    attempt: int = 0
+    task_id: str | None = None
+    outputs: tuple[str, ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    run_id: str
+    stages: Mapping[str, StageState]
+    cancelled: bool = False
+
+    @property
+    def status(self) -> RunStatus:
+        """Derived, never stored independently of the stages."""
+        if self.cancelled:
+            return RunStatus.CANCELLED
+        statuses = [s.status for s in self.stages.values()]
+        if StageStatus.FAILED in statuses:
+            return RunStatus.FAILED
+        if all(s is StageStatus.SUCCEEDED for s in statuses):
+            return RunStatus.SUCCEEDED
+        return RunStatus.RUNNING
+
+
+def initial_state(run_id: str, pipeline: Pipeline) -> RunState:
+    return RunState(run_id=run_id, stages={name: StageState() for name in pipeline.stages})
+
+
+# Events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    stage: str
+    attempt: int
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRejected:
+    """The provider refused the request (4xx) or the rendered input was invalid."""
+
+    stage: str
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskProcessing:
+    stage: str
+    attempt: int
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSucceeded:
+    stage: str
+    attempt: int
+    task_id: str
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    stage: str
+    attempt: int
+    task_id: str
+    error: str
+    #: False for errors no retry can fix (the provider's 1xxx codes).
+    retryable: bool = True
+
+
+Event = (
+    Start | CancelRequested | Submitted | SubmitRejected | TaskProcessing | TaskSucceeded | TaskFailed
+)
+StageEvent = Submitted | SubmitRejected | TaskProcessing | TaskSucceeded | TaskFailed
+
+
+# Commands -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    stage: str
+    attempt: int
+    not_before: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """A lifecycle event for the outbox (``run.started``, ``stage.succeeded``, …)."""
+
+    type: str
+    stage: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+Command = Submit | Emit
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    state: RunState
+    commands: tuple[Command, ...] = ()
+    #: False when the event changed nothing (duplicate, stale, or too late).
+    changed: bool = True
+
+
+class InvalidTransitionError(Exception):
+    """An event that no valid history can produce (unknown stage, unscheduled attempt)."""
+
+    status_hint = 409
+
+
+# decide -------------------------------------------------------------------------------
+
+
+def decide(pipeline: Pipeline, state: RunState, event: Event, *, now: float) -> Decision:
+    if isinstance(event, Start):
+        return _start(pipeline, state)
+    if isinstance(event, CancelRequested):
+        return _cancel(state)
+    return _stage_event(pipeline, state, event, now)
+
+
+def _unchanged(state: RunState) -> Decision:
+    return Decision(state=state, commands=(), changed=False)
+
+
+def _start(pipeline: Pipeline, state: RunState) -> Decision:
+    if any(s.attempt for s in state.stages.values()) or state.cancelled:
+        return _unchanged(state)
+    stages, submits = _schedule_ready(pipeline, dict(state.stages))
+    new = dataclasses.replace(state, stages=stages)
+    return Decision(new, (Emit("run.started"), *submits))
+
+
+def _cancel(state: RunState) -> Decision:
+    if state.status is not RunStatus.RUNNING:
+        if state.cancelled:
+            return _unchanged(state)
+        raise InvalidTransitionError(f"run {state.run_id} already {state.status}")
+    stages = {
+        name: s if s.status.terminal else dataclasses.replace(s, status=StageStatus.CANCELLED)
+        for name, s in state.stages.items()
+    }
+    new = RunState(run_id=state.run_id, stages=stages, cancelled=True)
+    return Decision(new, (Emit("run.cancelled"),))
+
+
+def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: float) -> Decision:
+    current = state.stages.get(event.stage)
+    if current is None:
+        raise InvalidTransitionError(f"run {state.run_id} has no stage {event.stage!r}")
+    if event.attempt > current.attempt:
+        raise InvalidTransitionError(
+            f"stage {event.stage!r} attempt {event.attempt} was never scheduled"
+        )
+    if event.attempt < current.attempt or current.status.terminal or state.cancelled:
+        return _unchanged(state)  # an old attempt, or too late: recorded, no effect
+    task_id = getattr(event, "task_id", None)
+    if current.task_id is not None and task_id is not None and task_id != current.task_id:
+        return _unchanged(state)
+
+    if isinstance(event, Submitted):
+        if current.status is not StageStatus.PENDING:
+            return _unchanged(state)
+        stage = dataclasses.replace(current, status=StageStatus.SUBMITTED, task_id=event.task_id)
+        return _with_stage(state, event.stage, stage, (Emit("stage.submitted", event.stage),))
+    if isinstance(event, TaskProcessing):
+        if current.status is StageStatus.PROCESSING:
+            return _unchanged(state)
+        stage = dataclasses.replace(current, status=StageStatus.PROCESSING, task_id=event.task_id)
+        return _with_stage(state, event.stage, stage, ())
+    if isinstance(event, TaskSucceeded):
+        return _succeeded(pipeline, state, event)
+    if isinstance(event, TaskFailed):
+        policy = pipeline.stages[event.stage].retry
+        if event.retryable and current.attempt < policy.attempts:
+            delay = policy.backoff_s * 2 ** (current.attempt - 1)
+            retry = StageState(attempt=current.attempt + 1, error=event.error)
+            submit = Submit(event.stage, retry.attempt, not_before=now + delay)
+            return _with_stage(state, event.stage, retry, (submit,))
+        return _failed(state, event.stage, current, event.error, event.task_id)
+    return _failed(state, event.stage, current, event.error, current.task_id)
+
+
+def _with_stage(
+    state: RunState, name: str, stage: StageState, commands: tuple[Command, ...]
+) -> Decision:
+    stages = {**state.stages, name: stage}
+    return Decision(dataclasses.replace(state, stages=stages), commands)
+
+
+def _succeeded(pipeline: Pipeline, state: RunState, event: TaskSucceeded) -> Decision:
+    done = StageState(
+        status=StageStatus.SUCCEEDED,
+        attempt=event.attempt,
+        task_id=event.task_id,
+        outputs=event.outputs,
+    )
+    stages, submits = _schedule_ready(pipeline, {**state.stages, event.stage: done})
+    new = dataclasses.replace(state, stages=stages)
+    commands: list[Command] = [Emit("stage.succeeded", event.stage), *submits]
+    if new.status is RunStatus.SUCCEEDED:
+        commands.append(Emit("run.succeeded"))
+    return Decision(new, tuple(commands))
+
+
+def _failed(
+    state: RunState, name: str, current: StageState, error: str, task_id: str | None
+) -> Decision:
+    failed = dataclasses.replace(current, status=StageStatus.FAILED, error=error, task_id=task_id)
+    # Fail fast: nothing not yet submitted will be, so nothing more is charged.
+    stages = {
+        n: (
+            failed
+            if n == name
+            else dataclasses.replace(s, status=StageStatus.CANCELLED)
+            if s.status is StageStatus.PENDING
+            else s
+        )
+        for n, s in state.stages.items()
+    }
+    was_running = state.status is RunStatus.RUNNING
+    new = dataclasses.replace(state, stages=stages)
+    commands: list[Command] = [Emit("stage.failed", name, {"error": error})]
+    if was_running:
+        commands.append(Emit("run.failed", None, {"error": f"stage '{name}' failed: {error}"}))
+    return Decision(new, tuple(commands))
+
+
+def _schedule_ready(
+    pipeline: Pipeline, stages: dict[str, StageState]
+) -> tuple[dict[str, StageState], list[Submit]]:
+    submits: list[Submit] = []
+    for name in pipeline.order():
+        stage = stages[name]
+        if stage.status is not StageStatus.PENDING or stage.attempt:
+            continue
+        needs = pipeline.stages[name].needs
+        if all(stages[n].status is StageStatus.SUCCEEDED for n in needs):
+            stages[name] = dataclasses.replace(stage, attempt=1)
+            submits.append(Submit(name, 1))
+    return stages, submits
