@@ -89,7 +89,9 @@ def _type(value: Any) -> str:
 
 def _check_number(spec: ParamSpec, value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return f"must be {'an integer' if spec.type == 'integer' else 'a number'}, got {_type(value)}"
+        return (
+            f"must be {'an integer' if spec.type == 'integer' else 'a number'}, got {_type(value)}"
+        )
     if spec.type == "integer" and not (isinstance(value, int) or value.is_integer()):
         return f"must be an integer, got {value}"
     lo, hi = spec.minimum, spec.maximum

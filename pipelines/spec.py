@@ -212,7 +212,9 @@ def _parse_stage(
         return None
     for key in raw:
         if key not in ("model", "input", "needs", "retry", "timeout"):
-            problems.add(name, str(key), "unknown key (expected model, input, needs, retry, timeout)")
+            problems.add(
+                name, str(key), "unknown key (expected model, input, needs, retry, timeout)"
+            )
     model = get_model(str(raw.get("model")))
     if model is None:
         problems.add(name, "model", f"unknown model {raw.get('model')!r}")
@@ -284,17 +286,22 @@ def _check_param(
             if decl is None:
                 problems.add(stage, where, f"references undeclared input '{m[1]}'")
             elif whole and not _input_fits(decl.type, spec):
-                problems.add(stage, where, f"input '{m[1]}' is a {decl.type}; {param} takes {spec.type}")
+                problems.add(
+                    stage, where, f"input '{m[1]}' is a {decl.type}; {param} takes {spec.type}"
+                )
         elif m := _STAGE_REF.match(ref):
             needs.add(m[1])
             _check_stage_ref(stage, where, spec, m[1], int(m[2]), whole, all_stages, problems)
         else:
             problems.add(
                 stage, where,
-                f"unknown reference ${{{ref}}} (use ${{inputs.NAME}} or ${{stages.NAME.outputs[N]}})",
+                f"unknown reference ${{{ref}}} "
+                "(use ${inputs.NAME} or ${stages.NAME.outputs[N]})",
             )  # fmt: skip
     if not whole and spec.type not in ("string", "url"):
-        problems.add(stage, where, f"a reference inside text makes a string; {param} takes {spec.type}")
+        problems.add(
+            stage, where, f"a reference inside text makes a string; {param} takes {spec.type}"
+        )
     return needs
 
 
@@ -355,7 +362,11 @@ def _parse_retry(raw: Any, stage: str, problems: _Problems) -> RetryPolicy:
     if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
         problems.add(stage, "retry.attempts", "must be an integer in range 1..10")
         attempts = 1
-    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not 0 <= backoff <= 3600:
+    if (
+        isinstance(backoff, bool)
+        or not isinstance(backoff, int | float)
+        or not 0 <= backoff <= 3600
+    ):
         problems.add(stage, "retry.backoff", "must be seconds in range 0..3600")
         backoff = 5
     return RetryPolicy(attempts=attempts, backoff_s=float(backoff))
@@ -398,7 +409,9 @@ def _check_cycles(stages: Mapping[str, StageSpec], problems: _Problems) -> None:
 # Run-time ----------------------------------------------------------------------------
 
 
-def bind_inputs(pipeline: Pipeline, given: Mapping[str, Any], *, where: str = "run") -> dict[str, Any]:
+def bind_inputs(
+    pipeline: Pipeline, given: Mapping[str, Any], *, where: str = "run"
+) -> dict[str, Any]:
     """Check run inputs against the declarations; fill defaults. Raises SpecError."""
     problems = _Problems(where)
     for name in given:

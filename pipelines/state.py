@@ -131,7 +131,13 @@ class TaskFailed:
 
 
 Event = (
-    Start | CancelRequested | Submitted | SubmitRejected | TaskProcessing | TaskSucceeded | TaskFailed
+    Start
+    | CancelRequested
+    | Submitted
+    | SubmitRejected
+    | TaskProcessing
+    | TaskSucceeded
+    | TaskFailed
 )
 StageEvent = Submitted | SubmitRejected | TaskProcessing | TaskSucceeded | TaskFailed
 

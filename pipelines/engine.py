@@ -1,0 +1,230 @@
+"""The engine: the imperative shell around ``state.decide``.
+
+It accepts runs, applies provider results (webhooks, synchronous answers), and runs
+the workers that carry out jobs. Workers claim jobs with a lease, so a job whose
+worker died is taken again once the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from pipelines.catalog import get_model
+from pipelines.errors import ProviderError, SpecError
+from pipelines.providers import AimlClient, Prediction, SubmitOutcomeUnknownError, WaveSpeedClient
+from pipelines.spec import Pipeline, bind_inputs, render
+from pipelines.state import (
+    CancelRequested,
+    Decision,
+    Event,
+    StageStatus,
+    SubmitRejected,
+    Submitted,
+    TaskFailed,
+    TaskProcessing,
+    TaskSucceeded,
+)
+from pipelines.store import Job, Store, WebhookOutcome
+
+log = structlog.get_logger("wavechain.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    public_base_url: str
+    workers: int = 8
+    job_lease_s: float = 120.0
+    poll_interval_s: float = 0.5
+    max_submit_tries: int = 8
+    submit_backoff_s: float = 1.0
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        config: EngineConfig,
+        *,
+        wavespeed: WaveSpeedClient,
+        aiml: AimlClient,
+        clock: Callable[[], float] = time.time,
+        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32),
+    ) -> None:
+        self.store = store
+        self.config = config
+        self._wavespeed = wavespeed
+        self._aiml = aiml
+        self._clock = clock
+        self._new_token = new_token
+        self._wake = asyncio.Event()
+        self._busy = 0
+
+    def notify(self) -> None:
+        """New jobs may be due (called by the store after a commit that added some)."""
+        self._wake.set()
+
+    # runs -----------------------------------------------------------------------------
+
+    async def create_run(self, pipeline: Pipeline, inputs: Mapping[str, Any]) -> str:
+        bound = bind_inputs(pipeline, inputs)  # SpecError before anything is written
+        run_id = await self.store.create_run(pipeline, bound, now=self._clock())
+        log.info("run.created", run_id=run_id, pipeline=pipeline.name)
+        return run_id
+
+    async def cancel(self, run_id: str) -> Decision:
+        decision = await self.store.apply(run_id, CancelRequested(), now=self._clock())
+        log.info("run.cancel_requested", run_id=run_id, changed=decision.changed)
+        return decision
+
+    # results --------------------------------------------------------------------------
+
+    async def on_wavespeed_webhook(
+        self, token: str, webhook_id: str, prediction: Prediction
+    ) -> WebhookOutcome:
+        def make_event(stage: str, attempt: int) -> Event:
+            return result_event(stage, attempt, prediction)
+
+        return await self.store.webhook(
+            provider="wavespeed",
+            webhook_id=webhook_id,
+            token=token,
+            task_id=prediction.id,
+            status=prediction.status,
+            make_event=make_event,
+            now=self._clock(),
+        )
+
+    # workers --------------------------------------------------------------------------
+
+    async def run_workers(self) -> None:
+        """Claim and carry out jobs until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            while True:
+                self._wake.clear()
+                free = self.config.workers - self._busy
+                jobs: list[Job] = []
+                if free > 0:
+                    jobs = await self.store.claim_jobs(
+                        now=self._clock(), limit=free, lease_s=self.config.job_lease_s
+                    )
+                for job in jobs:
+                    self._busy += 1
+                    group.create_task(self._handle(job))
+                if free > 0 and len(jobs) == free:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+
+    async def _handle(self, job: Job) -> None:
+        with structlog.contextvars.bound_contextvars(
+            run_id=job.run_id, stage=job.stage, attempt=job.attempt, job=job.kind
+        ):
+            try:
+                if job.kind == "submit":
+                    await self._submit(job)
+                else:
+                    log.error("job.unknown_kind")
+                    await self.store.drop_job(job)
+            except Exception as exc:
+                # An unexpected error: the lease is released with backoff, never lost.
+                log.exception("job.crashed")
+                delay = min(60.0, self.config.submit_backoff_s * 2**job.tries)
+                await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
+            finally:
+                self._busy -= 1
+                self._wake.set()
+
+    async def _submit(self, job: Job) -> None:
+        ctx = await self.store.submit_context(job)
+        stage = ctx.stage
+        if ctx.cancelled or stage.attempt != job.attempt or stage.status is not StageStatus.PENDING:
+            await self.store.drop_job(job)
+            return
+        if ctx.previous_attempt in ("sending", "unknown"):
+            # An earlier try may have reached the provider and created (and charged) a
+            # task. Never send again blindly: the signed callback on that attempt's token,
+            # or reconciliation, settles it.
+            await self.store.set_attempt_state(job, "unknown", drop_job=True)
+            log.warning("stage.submit_outcome_unknown")
+            return
+        spec = ctx.pipeline.stages[job.stage]
+        model = get_model(spec.model)
+        if model is None:  # the spec was validated; a catalog change could still do this
+            await self._reject(job, f"unknown model {spec.model!r}")
+            return
+        try:
+            body = render(spec, ctx.inputs, ctx.upstream, where=f"run {job.run_id}")
+        except SpecError as exc:
+            await self._reject(job, str(exc))
+            return
+        token = self._new_token()
+        await self.store.record_attempt(job, token, now=self._clock())
+        try:
+            if model.provider == "aimlapi":
+                await self._submit_aiml(job, token, model.id, body)
+            else:
+                webhook = f"{self.config.public_base_url}/webhooks/wavespeed/{token}"
+                prediction = await self._wavespeed.submit(model.id, body, webhook=webhook)
+                event = Submitted(job.stage, job.attempt, prediction.id)
+                await self.store.accept_attempt(
+                    job, token, prediction.id, [event], now=self._clock()
+                )
+                log.info("stage.submitted", task_id=prediction.id, model=model.id)
+        except ProviderError as exc:
+            if exc.retryable and job.tries < self.config.max_submit_tries:
+                await self.store.set_attempt_state(job, "forget", drop_job=False)
+                delay = exc.retry_after or self.config.submit_backoff_s * 2 ** (job.tries - 1)
+                await self.store.retry_job(job, at=self._clock() + delay, error=str(exc))
+                log.warning("stage.submit_retrying", error=str(exc), delay_s=delay)
+                return
+            await self.store.set_attempt_state(job, "rejected", drop_job=False)
+            await self._reject(job, str(exc))
+        except SubmitOutcomeUnknownError as exc:
+            await self.store.set_attempt_state(job, "unknown", drop_job=True)
+            log.warning("stage.submit_outcome_unknown", error=str(exc))
+
+    async def _submit_aiml(self, job: Job, token: str, model: str, body: dict[str, Any]) -> None:
+        try:
+            outputs = await self._aiml.generate(model, body)
+        except SubmitOutcomeUnknownError as exc:
+            # No webhook and no task id to ask about: the attempt fails, and the stage's
+            # retry policy decides whether to pay for another one.
+            task_id = f"aiml_{job.run_id}_{job.stage}_{job.attempt}"
+            events: list[Event] = [
+                Submitted(job.stage, job.attempt, task_id),
+                TaskFailed(job.stage, job.attempt, task_id, str(exc), retryable=True),
+            ]
+            await self.store.accept_attempt(job, token, task_id, events, now=self._clock())
+            return
+        task_id = f"aiml_{secrets.token_hex(8)}"
+        # The synchronous answer goes through the same transition as a webhook would.
+        events = [
+            Submitted(job.stage, job.attempt, task_id),
+            TaskSucceeded(job.stage, job.attempt, task_id, outputs),
+        ]
+        await self.store.accept_attempt(job, token, task_id, events, now=self._clock())
+        log.info("stage.completed_sync", task_id=task_id, outputs=len(outputs))
+
+    async def _reject(self, job: Job, error: str) -> None:
+        event = SubmitRejected(job.stage, job.attempt, error)
+        await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+        log.warning("stage.submit_rejected", error=error)
+
+
+def result_event(stage: str, attempt: int, prediction: Prediction) -> Event:
+    """The state-machine event a provider's prediction stands for."""
+    if prediction.completed:
+        return TaskSucceeded(stage, attempt, prediction.id, prediction.outputs)
+    if prediction.failed:
+        error = prediction.error or f"task {prediction.status}"
+        return TaskFailed(stage, attempt, prediction.id, error, retryable=prediction.retryable)
+    # created, processing, or a status we do not know: still running.
+    return TaskProcessing(stage, attempt, prediction.id)

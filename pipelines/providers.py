@@ -1,0 +1,230 @@
+"""Provider clients on aiohttp: WaveSpeed v3 (webhooks) and the AI/ML API (synchronous).
+
+Failures are classified for the engine:
+- ``ProviderError(retryable=False)``: the provider refused the request (4xx); permanent.
+- ``ProviderError(retryable=True)``: 429, 5xx, or the request never left (connect error).
+- ``SubmitOutcomeUnknownError``: the request may have reached the provider but no answer
+  came back (timeout, reset). A task may exist and be charged: never re-sent blindly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+
+from pipelines.errors import ProviderError
+from pipelines.secrets import Secret
+
+TERMINAL_FAILURES: Final = frozenset({"failed", "cancelled", "timeout", "deleted"})
+_ERROR_CODE = re.compile(r"^\s*(\d{4})\b")
+
+
+class SubmitOutcomeUnknownError(Exception):
+    """The submit may or may not have created a task."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    id: str
+    status: str
+    outputs: tuple[str, ...]
+    error: str
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status in TERMINAL_FAILURES
+
+    @property
+    def retryable(self) -> bool:
+        """WaveSpeed task codes 1xxx mean "fix the request"; anything else may pass on retry."""
+        match = _ERROR_CODE.match(self.error)
+        return not (match and match[1].startswith("1"))
+
+
+def parse_prediction(data: Any) -> Prediction:
+    """The prediction object of an envelope's ``data`` or a webhook body. Raises ValueError."""
+    if not isinstance(data, Mapping):
+        raise ValueError("prediction must be a JSON object")
+    task_id, status = data.get("id"), data.get("status")
+    if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
+        raise ValueError("prediction.id must be a non-empty string")
+    if not isinstance(status, str) or not status or len(status) > 50:
+        raise ValueError("prediction.status must be a non-empty string")
+    outputs = data.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise ValueError("prediction.outputs must be a list of strings")
+    error = data.get("error") or ""
+    if not isinstance(error, str):
+        error = str(error)
+    if status == "completed" and not outputs:
+        raise ValueError("a completed prediction must have outputs")
+    return Prediction(id=task_id, status=status, outputs=tuple(outputs), error=error[:2000])
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, min(float(value), 3600.0))
+    except ValueError:
+        return None
+
+
+def _message(body: Any, fallback: str) -> str:
+    if isinstance(body, Mapping):
+        for key in ("message", "error", "detail"):
+            if isinstance(body.get(key), str) and body[key]:
+                return str(body[key])[:500]
+    return fallback
+
+
+async def _read_json(resp: aiohttp.ClientResponse) -> Any:
+    try:
+        return await resp.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        return None
+
+
+class WaveSpeedClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: Secret,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key.reveal()}", "X-Client-Name": "wavechain"}
+
+    async def submit(self, model: str, body: Mapping[str, Any], *, webhook: str) -> Prediction:
+        url = f"{self._base}/api/v3/{model}?webhook={quote(webhook, safe='')}"
+        try:
+            async with self._session.post(
+                url, json=dict(body), headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                payload = await _read_json(resp)
+                return self._envelope(resp, payload, "submit")
+        except aiohttp.ClientConnectorError as exc:
+            raise ProviderError(
+                f"cannot connect to WaveSpeed: {exc.os_error}", retryable=True
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise SubmitOutcomeUnknownError(f"no answer to submit: {type(exc).__name__}") from exc
+
+    async def get_result(self, task_id: str) -> Prediction:
+        url = f"{self._base}/api/v3/predictions/{quote(task_id, safe='')}/result"
+        try:
+            async with self._session.get(
+                url, headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                return self._envelope(resp, await _read_json(resp), "get result")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ProviderError(f"get result failed: {type(exc).__name__}", retryable=True) from exc
+
+    async def webhook_secret(self) -> Secret:
+        url = f"{self._base}/api/v3/webhook/secret"
+        async with self._session.get(url, headers=self._headers(), timeout=self._timeout) as resp:
+            body = await _read_json(resp)
+            if resp.status != 200 or not isinstance(body, Mapping):
+                raise ProviderError(
+                    f"webhook secret: HTTP {resp.status}", retryable=resp.status >= 500
+                )
+        data = body.get("data")
+        secret = data.get("secret") if isinstance(data, Mapping) else None
+        secret = secret or body.get("secret")
+        if not isinstance(secret, str) or not secret:
+            raise ProviderError("webhook secret: no secret in the answer", retryable=False)
+        return Secret(secret)
+
+    @staticmethod
+    def _envelope(resp: aiohttp.ClientResponse, payload: Any, what: str) -> Prediction:
+        status = resp.status
+        if status == 429 or status >= 500:
+            raise ProviderError(
+                f"WaveSpeed {what}: HTTP {status}: {_message(payload, resp.reason or '')}",
+                retryable=True,
+                status=status,
+                retry_after=_retry_after(resp.headers),
+            )
+        if status != 200:
+            raise ProviderError(
+                f"WaveSpeed {what}: HTTP {status}: {_message(payload, resp.reason or '')}",
+                retryable=False,
+                status=status,
+            )
+        data = payload.get("data") if isinstance(payload, Mapping) else None
+        try:
+            return parse_prediction(data)
+        except ValueError as exc:
+            raise ProviderError(
+                f"WaveSpeed {what}: malformed answer: {exc}", retryable=True
+            ) from exc
+
+
+class AimlClient:
+    """AI/ML API: one synchronous call returns the finished images."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: Secret,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def generate(self, model: str, body: Mapping[str, Any]) -> tuple[str, ...]:
+        url = f"{self._base}/v1/images/generations"
+        headers = {"Authorization": f"Bearer {self._key.reveal()}"}
+        try:
+            async with self._session.post(
+                url, json={**body, "model": model}, headers=headers, timeout=self._timeout
+            ) as resp:
+                payload = await _read_json(resp)
+                status = resp.status
+                retry_after = _retry_after(resp.headers)
+        except aiohttp.ClientConnectorError as exc:
+            raise ProviderError(
+                f"cannot connect to AI/ML API: {exc.os_error}", retryable=True
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise SubmitOutcomeUnknownError(
+                f"no answer from AI/ML API: {type(exc).__name__}"
+            ) from exc
+        if status != 200:
+            raise ProviderError(
+                f"AI/ML API: HTTP {status}: {_message(payload, 'error')}",
+                retryable=status == 429 or status >= 500,
+                status=status,
+                retry_after=retry_after,
+            )
+        items = payload.get("data") if isinstance(payload, Mapping) else None
+        if not isinstance(items, list) or not items:
+            raise ProviderError("AI/ML API: answer has no images", retryable=True)
+        outputs = []
+        for item in items:
+            url_value = item.get("url") if isinstance(item, Mapping) else None
+            if not isinstance(url_value, str) or not url_value:
+                raise ProviderError("AI/ML API: an image has no url", retryable=False)
+            outputs.append(url_value)
+        return tuple(outputs)

@@ -1,0 +1,629 @@
+"""Durable state: runs, stages, attempts, deliveries, jobs with leases, and the outbox.
+
+Every transition is one transaction: load the run, ``decide``, write the changed
+stages, the jobs and outbox rows its commands ask for, and (for a webhook) the
+delivery record, all or nothing. Each public method is one such transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pipelines import spec as specs
+from pipelines.errors import ConfigError
+from pipelines.sqlite import GroupCommitter
+from pipelines.state import (
+    Command,
+    Decision,
+    Emit,
+    Event,
+    RunState,
+    StageState,
+    StageStatus,
+    Start,
+    Submit,
+    decide,
+    initial_state,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    pipeline TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    status TEXT NOT NULL,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at DESC);
+CREATE TABLE IF NOT EXISTS stages (
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    task_id TEXT,
+    outputs TEXT NOT NULL DEFAULT '[]',
+    error TEXT NOT NULL DEFAULT '',
+    submitted_at REAL,
+    finished_at REAL,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    token_hash TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    task_id TEXT,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (run_id, stage, attempt)
+);
+CREATE INDEX IF NOT EXISTS attempts_by_task ON attempts (task_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    provider TEXT NOT NULL,
+    webhook_id TEXT NOT NULL,
+    run_id TEXT,
+    stage TEXT,
+    attempt INTEGER,
+    task_id TEXT,
+    status TEXT,
+    effect TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (provider, webhook_id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    run_after REAL NOT NULL,
+    lease_until REAL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    UNIQUE (kind, run_id, stage, attempt)
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (run_after);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    run_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    tries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sent_at, seq);
+"""
+
+WebhookEffect = Literal[
+    "applied", "no_effect", "duplicate", "unknown_token", "not_yet", "task_mismatch"
+]
+
+
+def token_hash(token: str) -> str:
+    """Tokens are stored hashed: a copy of the database does not let anyone forge callbacks."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class StageView:
+    name: str
+    model: str
+    status: str
+    attempt: int
+    task_id: str | None
+    outputs: list[str]
+    error: str
+    submitted_at: float | None
+    finished_at: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        elapsed = (
+            round(self.finished_at - self.submitted_at, 3)
+            if self.finished_at is not None and self.submitted_at is not None
+            else None
+        )
+        return {
+            "name": self.name,
+            "model": self.model,
+            "status": self.status,
+            "attempt": self.attempt,
+            "task_id": self.task_id,
+            "outputs": self.outputs,
+            "error": self.error or None,
+            "timings": {
+                "submitted_at": _iso(self.submitted_at),
+                "finished_at": _iso(self.finished_at),
+                "elapsed_s": elapsed,
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    id: str
+    pipeline: str
+    status: str
+    inputs: dict[str, Any]
+    created_at: float
+    updated_at: float
+    stages: list[StageView]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pipeline": self.pipeline,
+            "status": self.status,
+            "inputs": self.inputs,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "stages": [s.as_json() for s in self.stages],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    kind: str
+    run_id: str
+    stage: str
+    attempt: int
+    tries: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitContext:
+    """All a submit job needs, read in one transaction."""
+
+    pipeline: specs.Pipeline
+    inputs: dict[str, Any]
+    stage: StageState
+    upstream: dict[str, list[str]]
+    cancelled: bool
+    #: State of an attempt row left by an earlier try of this job, if any.
+    previous_attempt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOutcome:
+    effect: WebhookEffect
+    run_id: str | None = None
+    stage: str | None = None
+
+
+class Store:
+    """The SQLite backend. ``on_jobs`` is called (on the loop) when new jobs may be due."""
+
+    def __init__(self, database_url: str, *, on_jobs: Callable[[], None] | None = None) -> None:
+        self._db = GroupCommitter(_sqlite_path(database_url), schema=SCHEMA)
+        self._on_jobs = on_jobs or (lambda: None)
+        self._pipelines: OrderedDict[str, specs.Pipeline] = OrderedDict()
+
+    async def start(self) -> None:
+        self._db.start()
+
+    async def close(self) -> None:
+        self._db.stop()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"batches": self._db.batches, "operations": self._db.operations}
+
+    # runs ---------------------------------------------------------------------------
+
+    async def create_run(
+        self, pipeline: specs.Pipeline, inputs: Mapping[str, Any], *, now: float
+    ) -> str:
+        run_id = f"run_{uuid.uuid4().hex[:20]}"
+
+        def op(conn: sqlite3.Connection) -> None:
+            state = initial_state(run_id, pipeline)
+            conn.execute(
+                "INSERT INTO runs (id, pipeline, spec, inputs, status, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, pipeline.name, json.dumps(pipeline.source), json.dumps(dict(inputs)),
+                 state.status.value, now, now),
+            )  # fmt: skip
+            conn.executemany(
+                "INSERT INTO stages (run_id, name, model, status) VALUES (?, ?, ?, ?)",
+                [
+                    (run_id, n, s.model, StageStatus.PENDING.value)
+                    for n, s in pipeline.stages.items()
+                ],
+            )
+            self._pipelines[run_id] = pipeline
+            self._apply(conn, run_id, Start(), now)
+
+        await self._db.run(op)
+        self._on_jobs()
+        return run_id
+
+    async def apply(
+        self, run_id: str, event: Event, *, now: float, finish_job: int | None = None
+    ) -> Decision:
+        def op(conn: sqlite3.Connection) -> Decision:
+            decision = self._apply(conn, run_id, event, now)
+            if finish_job is not None:
+                conn.execute("DELETE FROM jobs WHERE id = ?", (finish_job,))
+            return decision
+
+        decision = await self._db.run(op)
+        if any(isinstance(c, Submit) for c in decision.commands):
+            self._on_jobs()
+        return decision
+
+    async def webhook(
+        self,
+        *,
+        provider: str,
+        webhook_id: str,
+        token: str,
+        task_id: str,
+        status: str,
+        make_event: Callable[[str, int], Event | None],
+        now: float,
+    ) -> WebhookOutcome:
+        """Resolve the token, record the delivery, apply the event: one transaction."""
+
+        def op(conn: sqlite3.Connection) -> WebhookOutcome:
+            row = conn.execute(
+                "SELECT run_id, stage, attempt, task_id, state FROM attempts WHERE token_hash = ?",
+                (token_hash(token),),
+            ).fetchone()
+            if row is None:
+                return WebhookOutcome("unknown_token")
+            run_id, stage, attempt = row["run_id"], row["stage"], row["attempt"]
+            if row["task_id"] is None:
+                if row["state"] == "sending":
+                    # The submit's answer is not committed yet; the sender will retry.
+                    return WebhookOutcome("not_yet", run_id, stage)
+                # The submit's answer was lost: the signed callback on this attempt's
+                # unguessable token tells us the task id.
+                conn.execute(
+                    "UPDATE attempts SET task_id = ?, state = 'accepted' WHERE token_hash = ?",
+                    (task_id, token_hash(token)),
+                )
+            elif row["task_id"] != task_id:
+                return WebhookOutcome("task_mismatch", run_id, stage)
+            inserted = conn.execute(
+                "INSERT INTO deliveries (provider, webhook_id, run_id, stage, attempt, task_id, "
+                "status, effect, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
+                "ON CONFLICT DO NOTHING",
+                (provider, webhook_id, run_id, stage, attempt, task_id, status, now),
+            ).rowcount
+            if not inserted:
+                return WebhookOutcome("duplicate", run_id, stage)
+            event = make_event(stage, attempt)
+            changed = event is not None and self._apply(conn, run_id, event, now).changed
+            effect: WebhookEffect = "applied" if changed else "no_effect"
+            conn.execute(
+                "UPDATE deliveries SET effect = ? WHERE provider = ? AND webhook_id = ?",
+                (effect, provider, webhook_id),
+            )
+            return WebhookOutcome(effect, run_id, stage)
+
+        outcome = await self._db.run(op)
+        if outcome.effect == "applied":
+            self._on_jobs()
+        return outcome
+
+    def _pipeline(self, conn: sqlite3.Connection, run_id: str) -> specs.Pipeline:
+        cached = self._pipelines.get(run_id)
+        if cached is not None:
+            self._pipelines.move_to_end(run_id)
+            return cached
+        row = conn.execute("SELECT spec FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        pipeline = specs.parse(json.loads(row["spec"]), where=f"run {run_id}")
+        self._pipelines[run_id] = pipeline
+        while len(self._pipelines) > 2048:
+            self._pipelines.popitem(last=False)
+        return pipeline
+
+    def _load_state(self, conn: sqlite3.Connection, run_id: str) -> tuple[RunState, int]:
+        run = conn.execute("SELECT cancelled, version FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if run is None:
+            raise KeyError(run_id)
+        stages = {
+            r["name"]: StageState(
+                status=StageStatus(r["status"]),
+                attempt=r["attempt"],
+                task_id=r["task_id"],
+                outputs=tuple(json.loads(r["outputs"])),
+                error=r["error"],
+            )
+            for r in conn.execute(
+                "SELECT name, status, attempt, task_id, outputs, error FROM stages "
+                "WHERE run_id = ?",
+                (run_id,),
+            )
+        }
+        return RunState(run_id, stages, bool(run["cancelled"])), run["version"]
+
+    def _apply(self, conn: sqlite3.Connection, run_id: str, event: Event, now: float) -> Decision:
+        pipeline = self._pipeline(conn, run_id)
+        before, version = self._load_state(conn, run_id)
+        decision = decide(pipeline, before, event, now=now)
+        if not decision.changed:
+            return decision
+        after = decision.state
+        for name, stage in after.stages.items():
+            old = before.stages[name]
+            if stage == old:
+                continue
+            conn.execute(
+                "UPDATE stages SET status = ?, attempt = ?, task_id = ?, outputs = ?, error = ?, "
+                "submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END, "
+                "finished_at = CASE WHEN ? THEN ? ELSE NULL END "
+                "WHERE run_id = ? AND name = ?",
+                (stage.status.value, stage.attempt, stage.task_id, json.dumps(stage.outputs),
+                 stage.error, stage.status is StageStatus.SUBMITTED, now,
+                 stage.status.terminal, now, run_id, name),
+            )  # fmt: skip
+        # Guarded write: a concurrent writer (another replica) makes this match nothing.
+        updated = conn.execute(
+            "UPDATE runs SET status = ?, cancelled = ?, updated_at = ?, version = version + 1 "
+            "WHERE id = ? AND version = ?",
+            (after.status.value, int(after.cancelled), now, run_id, version),
+        ).rowcount
+        if updated != 1:
+            raise ConcurrentUpdateError(run_id)
+        self._write_commands(conn, pipeline, run_id, after, decision.commands, now)
+        return decision
+
+    def _write_commands(
+        self,
+        conn: sqlite3.Connection,
+        pipeline: specs.Pipeline,
+        run_id: str,
+        state: RunState,
+        commands: Sequence[Command],
+        now: float,
+    ) -> None:
+        for command in commands:
+            if isinstance(command, Submit):
+                conn.execute(
+                    "INSERT INTO jobs (kind, run_id, stage, attempt, run_after) "
+                    "VALUES ('submit', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (run_id, command.stage, command.attempt, command.not_before or now),
+                )
+            elif isinstance(command, Emit):
+                body = event_envelope(pipeline, state, command, now)
+                conn.execute(
+                    "INSERT INTO outbox (event_id, run_id, type, body, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (body["id"], run_id, command.type, json.dumps(body), now),
+                )
+
+    # submit jobs --------------------------------------------------------------------
+
+    async def submit_context(self, job: Job) -> SubmitContext:
+        def op(conn: sqlite3.Connection) -> SubmitContext:
+            pipeline = self._pipeline(conn, job.run_id)
+            state, _ = self._load_state(conn, job.run_id)
+            inputs = json.loads(
+                conn.execute("SELECT inputs FROM runs WHERE id = ?", (job.run_id,)).fetchone()[0]
+            )
+            previous = conn.execute(
+                "SELECT state FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
+                (job.run_id, job.stage, job.attempt),
+            ).fetchone()
+            upstream = {
+                name: list(s.outputs)
+                for name, s in state.stages.items()
+                if s.status is StageStatus.SUCCEEDED
+            }
+            return SubmitContext(
+                pipeline=pipeline,
+                inputs=inputs,
+                stage=state.stages[job.stage],
+                upstream=upstream,
+                cancelled=state.cancelled,
+                previous_attempt=previous["state"] if previous else None,
+            )
+
+        return await self._db.run(op)
+
+    async def record_attempt(self, job: Job, token: str, *, now: float) -> None:
+        """Written before the request leaves, so a crash mid-submit is never re-sent blindly."""
+        await self._db.run(
+            lambda conn: conn.execute(
+                "INSERT INTO attempts (token_hash, run_id, stage, attempt, state, created_at) "
+                "VALUES (?, ?, ?, ?, 'sending', ?)",
+                (token_hash(token), job.run_id, job.stage, job.attempt, now),
+            )
+        )
+
+    async def accept_attempt(
+        self, job: Job, token: str, task_id: str, events: Sequence[Event], *, now: float
+    ) -> Decision:
+        """Record the provider's task id, finish the job, apply ``events``: one transaction."""
+
+        def op(conn: sqlite3.Connection) -> Decision:
+            conn.execute(
+                "UPDATE attempts SET task_id = ?, state = 'accepted' WHERE token_hash = ?",
+                (task_id, token_hash(token)),
+            )
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+            decision = Decision(self._load_state(conn, job.run_id)[0], (), changed=False)
+            for event in events:
+                decision = self._apply(conn, job.run_id, event, now)
+            return decision
+
+        decision = await self._db.run(op)
+        self._on_jobs()
+        return decision
+
+    async def set_attempt_state(self, job: Job, state: str, *, drop_job: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if state == "forget":
+                conn.execute(
+                    "DELETE FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
+                    (job.run_id, job.stage, job.attempt),
+                )
+            else:
+                conn.execute(
+                    "UPDATE attempts SET state = ? WHERE run_id = ? AND stage = ? AND attempt = ?",
+                    (state, job.run_id, job.stage, job.attempt),
+                )
+            if drop_job:
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+
+        await self._db.run(op)
+
+    # jobs ---------------------------------------------------------------------------
+
+    async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT id, kind, run_id, stage, attempt, tries FROM jobs "
+                "WHERE run_after <= ? AND (lease_until IS NULL OR lease_until < ?) "
+                "ORDER BY run_after, id LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE jobs SET lease_until = ?, tries = tries + 1 WHERE id = ?",
+                [(now + lease_s, r["id"]) for r in rows],
+            )
+            return [
+                Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"], r["tries"] + 1)
+                for r in rows
+            ]
+
+        return await self._db.run(op)
+
+    async def retry_job(self, job: Job, *, at: float, error: str) -> None:
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE jobs SET run_after = ?, lease_until = NULL, last_error = ? WHERE id = ?",
+                (at, error[:500], job.id),
+            )
+        )
+
+    async def drop_job(self, job: Job) -> None:
+        await self._db.run(lambda conn: conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,)))
+
+    async def next_job_due(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(COALESCE(MAX(run_after, lease_until), run_after)) FROM jobs"
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._db.run(op)
+
+    # reads ----------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunView | None:
+        return await self._db.run(lambda conn: _run_view(conn, run_id))
+
+    async def list_runs(self, *, limit: int = 50, status: str | None = None) -> list[RunView]:
+        def op(conn: sqlite3.Connection) -> list[RunView]:
+            query = "SELECT id FROM runs"
+            args: list[Any] = []
+            if status is not None:
+                query += " WHERE status = ?"
+                args.append(status)
+            query += " ORDER BY created_at DESC LIMIT ?"
+            ids = [r[0] for r in conn.execute(query, (*args, limit))]
+            return [v for v in (_run_view(conn, i) for i in ids) if v is not None]
+
+        return await self._db.run(op)
+
+    async def outbox(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = "SELECT body FROM outbox"
+            rows = (
+                conn.execute(sql + " WHERE run_id = ? ORDER BY seq", (run_id,))
+                if run_id
+                else conn.execute(sql + " ORDER BY seq")
+            )
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._db.run(op)
+
+    async def deliveries(self, run_id: str) -> list[dict[str, Any]]:
+        return await self._db.run(
+            lambda conn: [
+                dict(r)
+                for r in conn.execute(
+                    "SELECT * FROM deliveries WHERE run_id = ? ORDER BY received_at", (run_id,)
+                )
+            ]
+        )
+
+
+class ConcurrentUpdateError(Exception):
+    """Another writer changed the run between our read and our guarded write."""
+
+
+def _run_view(conn: sqlite3.Connection, run_id: str) -> RunView | None:
+    run = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None:
+        return None
+    stages = [
+        StageView(
+            name=r["name"], model=r["model"], status=r["status"], attempt=r["attempt"],
+            task_id=r["task_id"], outputs=json.loads(r["outputs"]), error=r["error"],
+            submitted_at=r["submitted_at"], finished_at=r["finished_at"],
+        )
+        for r in conn.execute("SELECT * FROM stages WHERE run_id = ? ORDER BY rowid", (run_id,))
+    ]  # fmt: skip
+    return RunView(
+        id=run["id"], pipeline=run["pipeline"], status=run["status"],
+        inputs=json.loads(run["inputs"]), created_at=run["created_at"],
+        updated_at=run["updated_at"], stages=stages,
+    )  # fmt: skip
+
+
+def event_envelope(
+    pipeline: specs.Pipeline, state: RunState, command: Emit, now: float
+) -> dict[str, Any]:
+    """The versioned JSON body of a lifecycle event."""
+    stage = state.stages.get(command.stage) if command.stage else None
+    model = pipeline.stages[command.stage].model if command.stage else None
+    return {
+        "version": 1,
+        "id": f"evt_{uuid.uuid4().hex}",
+        "type": command.type,
+        "time": _iso(now),
+        "run_id": state.run_id,
+        "pipeline": pipeline.name,
+        "stage": command.stage,
+        "model": model,
+        "task_id": stage.task_id if stage else None,
+        "status": stage.status.value if stage else state.status.value,
+        "outputs": list(stage.outputs) if stage else [],
+        "error": command.data.get("error"),
+    }
+
+
+def _sqlite_path(database_url: str) -> str:
+    if database_url == "sqlite://:memory:":
+        return ":memory:"
+    prefix = "sqlite:///"
+    if not database_url.startswith(prefix):
+        raise ConfigError(
+            f"DATABASE_URL: only sqlite:///PATH is supported by this build, got "
+            f"{database_url.split('://', 1)[0]}://…"
+        )
+    return database_url[len(prefix) :]

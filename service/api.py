@@ -1,0 +1,109 @@
+"""The REST API: runs, pipelines, health. Handlers parse, call the engine, map the result."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from pipelines import spec as specs
+from pipelines.errors import SpecError
+from pipelines.state import InvalidTransitionError
+from service import keys
+
+
+def example_names() -> list[str]:
+    root = resources.files("pipelines") / "examples"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_example(name: str) -> specs.Pipeline:
+    if name not in example_names():
+        raise SpecError(
+            f"pipeline: unknown pipeline {name!r} (known: {', '.join(example_names())}; "
+            "or send the spec inline as an object)"
+        )
+    text = (resources.files("pipelines") / "examples" / f"{name}.yaml").read_text("utf-8")
+    return specs.parse_text(text, where=f"{name}.yaml", default_name=name)
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise SpecError("request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise SpecError("request body must be a JSON object")
+    return body
+
+
+async def create_run(request: web.Request) -> web.Response:
+    body = await _json(request)
+    unknown = set(body) - {"pipeline", "inputs"}
+    if unknown:
+        raise SpecError(f"unknown fields {sorted(unknown)} (expected pipeline, inputs)")
+    raw = body.get("pipeline")
+    if isinstance(raw, str):
+        pipeline = load_example(raw)
+    elif isinstance(raw, dict):
+        pipeline = specs.parse(raw, where="inline pipeline")
+    else:
+        raise SpecError("pipeline: must be an example's name or an inline spec object")
+    inputs = body.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        raise SpecError("inputs: must be an object")
+    engine = request.app[keys.ENGINE]
+    run_id = await engine.create_run(pipeline, inputs)
+    view = await engine.store.get_run(run_id)
+    assert view is not None  # noqa: S101 - just written in the same process
+    return web.json_response(view.as_json(), status=201)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    try:
+        limit = max(1, min(int(request.query.get("limit", "50")), 500))
+    except ValueError:
+        raise SpecError("limit: must be an integer") from None
+    runs = await request.app[keys.ENGINE].store.list_runs(limit=limit, status=status)
+    return web.json_response({"runs": [r.as_json() for r in runs]})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    view = await request.app[keys.ENGINE].store.get_run(request.match_info["id"])
+    if view is None:
+        raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
+    return web.json_response(view.as_json())
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    engine = request.app[keys.ENGINE]
+    run_id = request.match_info["id"]
+    if await engine.store.get_run(run_id) is None:
+        raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
+    try:
+        await engine.cancel(run_id)
+    except InvalidTransitionError as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    view = await engine.store.get_run(run_id)
+    assert view is not None  # noqa: S101
+    return web.json_response(view.as_json())
+
+
+async def list_pipelines(request: web.Request) -> web.Response:
+    out = []
+    for name in example_names():
+        pipeline = load_example(name)
+        out.append({"name": name, "description": pipeline.description,
+                    "stages": {n: s.model for n, s in pipeline.stages.items()}})  # fmt: skip
+    return web.json_response({"pipelines": out})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[keys.HEALTH].ready
+    return web.json_response({"ready": ready}, status=200 if ready else 503)

@@ -1,0 +1,136 @@
+"""The app factory. ``serve``, ``demo`` and the tests all build the app here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from pipelines.engine import Engine, EngineConfig
+from pipelines.errors import ConfigError, ProviderError, SpecError
+from pipelines.providers import AimlClient, WaveSpeedClient
+from pipelines.secrets import Secret
+from pipelines.state import InvalidTransitionError
+from pipelines.store import Store
+from service import keys
+from service.routes import setup_routes
+from service.settings import DEFAULT_AIMLAPI, DEFAULT_WAVESPEED, Settings
+
+log = structlog.get_logger("wavechain.app")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def context_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id for every log line; map domain errors to HTTP answers."""
+    structlog.contextvars.clear_contextvars()
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    # The route template, never the path: webhook paths carry a secret token.
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    structlog.contextvars.bind_contextvars(request_id=request_id, route=route)
+    try:
+        response = await handler(request)
+    except SpecError as exc:
+        response = web.json_response({"error": str(exc)}, status=400)
+    except InvalidTransitionError as exc:
+        response = web.json_response({"error": str(exc)}, status=409)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("request.failed")
+        response = web.json_response(
+            {"error": "internal error", "request_id": request_id}, status=500
+        )
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _provider_key(key: Secret | None, base_url: str, default: str, name: str) -> Secret:
+    if key is not None:
+        return key
+    if base_url != default:
+        return Secret("emulator")  # the emulator accepts any key
+    raise ConfigError(
+        f"{name} is not set: set it to use the real API, or point the base URL at the "
+        "emulator (wavechain emulator)"
+    )
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application(middlewares=[context_and_errors])
+    app[keys.SETTINGS] = settings
+    app[keys.CLOCK] = clock
+    app[keys.HEALTH] = keys.Health()
+    wavespeed_key = _provider_key(
+        settings.wavespeed_api_key, settings.wavespeed_base_url, DEFAULT_WAVESPEED,
+        "WAVESPEED_API_KEY",
+    )  # fmt: skip
+    aiml_key = _provider_key(
+        settings.aimlapi_key, settings.aimlapi_base_url, DEFAULT_AIMLAPI, "AIMLAPI_KEY"
+    )
+
+    async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=100, limit_per_host=50)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            app[keys.HTTP] = session
+            yield
+
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        session = app[keys.HTTP]
+        wavespeed = WaveSpeedClient(
+            session, base_url=settings.wavespeed_base_url, api_key=wavespeed_key
+        )
+        aiml = AimlClient(session, base_url=settings.aimlapi_base_url, api_key=aiml_key)
+        engine: Engine | None = None
+        store = Store(settings.database_url, on_jobs=lambda: engine.notify() if engine else None)
+        await store.start()
+        try:
+            config = EngineConfig(
+                public_base_url=settings.base_url,
+                workers=settings.workers,
+                job_lease_s=settings.job_lease_s,
+                poll_interval_s=settings.poll_interval_s,
+            )
+            engine = Engine(store, config, wavespeed=wavespeed, aiml=aiml, clock=clock)
+            app[keys.ENGINE] = engine
+            app[keys.HEALTH].webhook_secrets = settings.webhook_secrets or (
+                await _fetch_secret(wavespeed),
+            )
+            yield
+        finally:
+            await store.close()
+
+    async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(app[keys.ENGINE].run_workers(), name="workers")
+        app[keys.HEALTH].ready = True
+        log.info("service.ready", base_url=settings.base_url, workers=settings.workers)
+        yield
+        app[keys.HEALTH].ready = False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def not_ready(app: web.Application) -> None:
+        app[keys.HEALTH].ready = False
+
+    app.cleanup_ctx.extend([http_ctx, engine_ctx, workers_ctx])
+    app.on_shutdown.append(not_ready)
+    setup_routes(app)
+    return app
+
+
+async def _fetch_secret(client: WaveSpeedClient) -> Secret:
+    try:
+        return await client.webhook_secret()
+    except (ProviderError, aiohttp.ClientError, TimeoutError) as exc:
+        raise ConfigError(
+            "WAVESPEED_WEBHOOK_SECRETS is not set and the secret could not be fetched from "
+            f"the provider: {exc}"
+        ) from exc

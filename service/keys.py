@@ -1,0 +1,26 @@
+"""Typed application keys: every piece of app state, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from pipelines.engine import Engine
+from pipelines.secrets import Secret
+from service.settings import Settings
+
+
+@dataclass(slots=True)
+class Health:
+    ready: bool = False
+    webhook_secrets: tuple[Secret, ...] = field(default=())
+
+
+SETTINGS = web.AppKey("settings", Settings)
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+ENGINE = web.AppKey("engine", Engine)
+HEALTH = web.AppKey("health", Health)

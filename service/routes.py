@@ -1,0 +1,19 @@
+"""Only route registration."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service import api, webhooks
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/webhooks/wavespeed/{token}", webhooks.wavespeed_webhook)
+    r.add_post("/v1/runs", api.create_run)
+    r.add_get("/v1/runs", api.list_runs)
+    r.add_get("/v1/runs/{id}", api.get_run)
+    r.add_post("/v1/runs/{id}/cancel", api.cancel_run)
+    r.add_get("/v1/pipelines", api.list_pipelines)
+    r.add_get("/healthz", api.healthz)
+    r.add_get("/readyz", api.readyz)

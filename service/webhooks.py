@@ -1,0 +1,82 @@
+"""The provider callback route: verify, then one transaction, then answer."""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+from aiohttp import web
+
+from pipelines import signing
+from pipelines.errors import WebhookVerificationError
+from pipelines.providers import parse_prediction
+from service import keys
+
+log = structlog.get_logger("wavechain.webhooks")
+
+_STATUS = {
+    "applied": 200,
+    "no_effect": 200,
+    "duplicate": 200,
+    "not_yet": 503,  # the submit's answer is not committed yet: retry shortly
+    "unknown_token": 404,
+    "task_mismatch": 409,
+}
+
+
+async def _read_capped(request: web.Request, cap: int) -> bytes | None:
+    if request.content_length is not None and request.content_length > cap:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def wavespeed_webhook(request: web.Request) -> web.Response:
+    settings = request.app[keys.SETTINGS]
+    body = await _read_capped(request, settings.max_webhook_bytes)
+    if body is None:
+        log.warning("webhook.rejected", reason="too_large")
+        return _error(413, f"body larger than {settings.max_webhook_bytes} bytes")
+    try:
+        verified = signing.verify(
+            body,
+            request.headers,
+            request.app[keys.HEALTH].webhook_secrets,
+            now=request.app[keys.CLOCK](),
+            tolerance_s=settings.webhook_tolerance_s,
+        )
+    except WebhookVerificationError as exc:
+        log.warning("webhook.rejected", reason=exc.reason)
+        return _error(401, "signature verification failed")
+    try:
+        prediction = parse_prediction(json.loads(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.warning("webhook.malformed", webhook_id=verified.webhook_id, error=str(exc))
+        return _error(400, f"malformed prediction: {exc}")
+    outcome = await request.app[keys.ENGINE].on_wavespeed_webhook(
+        request.match_info["token"], verified.webhook_id, prediction
+    )
+    log.info(
+        "webhook.received",
+        effect=outcome.effect,
+        webhook_id=verified.webhook_id,
+        task_id=prediction.id,
+        task_status=prediction.status,
+        run_id=outcome.run_id,
+        stage=outcome.stage,
+    )
+    status = _STATUS[outcome.effect]
+    response = web.json_response({"effect": outcome.effect}, status=status)
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
