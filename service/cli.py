@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import structlog
+import yaml
 from aiohttp import web
 
+from pipelines import spec as specs
+from pipelines.errors import ConfigError, SpecError
+from service.app import create_app
+from service.client import ApiClient, ApiError, dump, follow, summary
+from service.demo import run_demo
 from service.logging import configure_logging
+from service.settings import Settings
 
 log = structlog.get_logger("wavechain.cli")
 
@@ -71,22 +81,136 @@ def _run_emulator(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
+def _set(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    # YAML scalars: seed=7 is an integer, flag=true a boolean, anything else a string.
+    value = yaml.safe_load(raw) if raw else ""
+    return name.strip(), value if isinstance(value, str | int | float | bool) else raw
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wavechain", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-json", action="store_true", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_emulator(sub)
+
+    p = sub.add_parser("serve", help="run the receiver, REST API and workers")
+    p.add_argument("--host", help="listen address (default $WAVECHAIN_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default $WAVECHAIN_PORT or 8000)")
+
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument(
+        "--server", help="wavechain API base URL (default $WAVECHAIN_URL or http://127.0.0.1:8000)"
+    )
+    server.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("run", parents=[server], help="start a run of a pipeline file or example")
+    p.add_argument("pipeline", help="a pipeline YAML file, or the name of a bundled example")
+    p.add_argument("--set", type=_set, action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--wait", action="store_true", help="follow progress until the run ends")
+
+    p = sub.add_parser("status", parents=[server], help="show one run")
+    p.add_argument("run_id")
+    sub.add_parser("runs", parents=[server], help="list recent runs")
+    p = sub.add_parser("cancel", parents=[server], help="cancel a run")
+    p.add_argument("run_id")
+
+    p = sub.add_parser("validate", help="check pipeline files without submitting anything")
+    p.add_argument("files", nargs="+")
+
+    p = sub.add_parser("demo", help="emulator + receiver on free ports, one pipeline end to end")
+    p.add_argument("--pipeline", default="image_video_3d")
+    p.add_argument("--set", type=_set, action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--latency", type=float, default=1.0, help="emulated seconds per task")
     return parser
+
+
+def _validate(files: Sequence[str]) -> int:
+    failed = False
+    for name in files:
+        try:
+            pipeline = specs.load_file(name)
+        except SpecError as exc:
+            print(exc, file=sys.stderr)
+            failed = True
+            continue
+        chain = ", ".join(f"{n} ({s.model})" for n, s in pipeline.stages.items())
+        print(f"ok: {name}: pipeline '{pipeline.name}': {chain}")
+    return 1 if failed else 0
+
+
+def _pipeline_arg(value: str) -> Any:
+    """A file is validated here and sent inline; anything else names a bundled example."""
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return specs.load_file(path).source
+    return value
+
+
+async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    base = args.server or env.get("WAVECHAIN_URL") or "http://127.0.0.1:8000"
+    async with aiohttp.ClientSession() as session:
+        client = ApiClient(session, base)
+        if args.command == "run":
+            run = await client.create_run(_pipeline_arg(args.pipeline), dict(args.set))
+            if args.wait:
+                if not args.json:
+                    print(f"run {run['id']}: {run['pipeline']}")
+                run = await follow(client, run["id"], sys.stdout, quiet=args.json)
+            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+            return 0 if run["status"] in ("succeeded", "running") else 1
+        if args.command == "status":
+            run = await client.get_run(args.run_id)
+            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+            return 0
+        if args.command == "runs":
+            runs = await client.list_runs()
+            if args.json:
+                dump(runs, sys.stdout)
+            for run in [] if args.json else runs:
+                print(f"{run['id']}  {run['status']:<10} {run['pipeline']:<20} {run['created_at']}")
+            return 0
+        if args.command == "cancel":
+            run = await client.cancel(args.run_id)
+            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+            return 0
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = Settings.from_env(env)
+    if args.host:
+        settings = settings.replace(host=args.host)
+    if args.port is not None:
+        settings = settings.replace(port=args.port)
+    app = create_app(settings)
+    log.info("service.starting", host=settings.host, port=settings.port)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     configure_logging(json=args.log_json, level=args.log_level)
-    if args.command == "emulator":
-        return _run_emulator(args, env)
-    raise AssertionError(args.command)
+    try:
+        if args.command == "emulator":
+            return _run_emulator(args, env)
+        if args.command == "validate":
+            return _validate(args.files)
+        if args.command == "serve":
+            return _serve(args, env)
+        if args.command == "demo":
+            configure_logging(json=args.log_json, level="WARNING")
+            result = asyncio.run(run_demo(args.pipeline, dict(args.set), latency_s=args.latency))
+            return 0 if result["run"]["status"] == "succeeded" else 1
+        return asyncio.run(_client_command(args, env))
+    except (ConfigError, SpecError, ApiError) as exc:
+        print(f"wavechain {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""A small client of wavechain's REST API, and the live progress view the CLI prints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, TextIO
+
+import aiohttp
+
+TERMINAL_RUN = {"succeeded", "failed", "cancelled"}
+
+
+class ApiError(Exception):
+    """The server answered with an error; the message is its error text."""
+
+
+class ApiClient:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self._session.request(method, self._base + path, json=body) as resp:
+                payload = await resp.json(content_type=None)
+        except aiohttp.ClientConnectorError as exc:
+            raise ApiError(
+                f"cannot reach wavechain at {self._base} ({exc.os_error}); start it with "
+                "`wavechain serve`, or pass --server"
+            ) from exc
+        if resp.status >= 400:
+            message = payload.get("error") if isinstance(payload, dict) else None
+            raise ApiError(message or f"HTTP {resp.status}")
+        return payload
+
+    async def create_run(self, pipeline: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            "POST", "/v1/runs", {"pipeline": pipeline, "inputs": inputs}
+        )
+        return result
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"/v1/runs/{run_id}")
+        return result
+
+    async def list_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._call("GET", f"/v1/runs?limit={limit}"))["runs"]
+        return result
+
+    async def cancel(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/runs/{run_id}/cancel")
+        return result
+
+
+_MARK = {
+    "pending": "·",
+    "submitted": "→",
+    "processing": "⟳",
+    "succeeded": "✓",
+    "failed": "✗",
+    "cancelled": "⊘",
+}
+
+
+def stage_line(stage: dict[str, Any]) -> str:
+    mark = _MARK.get(stage["status"], "?")
+    task = f" task {stage['task_id'][:12]}" if stage.get("task_id") else ""
+    elapsed = (stage.get("timings") or {}).get("elapsed_s")
+    took = f" {elapsed:.2f}s" if elapsed is not None else ""
+    error = f"  {stage['error']}" if stage.get("error") else ""
+    return f"  {mark} {stage['name']:<12} {stage['status']:<10}{task}{took}{error}"
+
+
+async def follow(
+    client: ApiClient, run_id: str, out: TextIO, *, quiet: bool = False, interval: float = 0.1
+) -> dict[str, Any]:
+    """Print each stage change until the run ends; return the final run."""
+    seen: dict[str, str] = {}
+    while True:
+        run = await client.get_run(run_id)
+        for stage in run["stages"]:
+            if not quiet and seen.get(stage["name"]) != stage["status"]:
+                print(stage_line(stage), file=out, flush=True)
+            seen[stage["name"]] = stage["status"]
+        if run["status"] in TERMINAL_RUN:
+            return run
+        await asyncio.sleep(interval)
+
+
+def summary(run: dict[str, Any], out: TextIO) -> None:
+    print(f"run {run['id']} ({run['pipeline']}): {run['status']}", file=out)
+    for stage in run["stages"]:
+        print(stage_line(stage), file=out)
+        for url in stage["outputs"]:
+            print(f"      {url}", file=out)
+
+
+def dump(value: Any, out: TextIO) -> None:
+    print(json.dumps(value, indent=2), file=out)
