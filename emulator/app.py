@@ -82,7 +82,7 @@ def _submit_fault(provider: Provider) -> tuple[int, dict[str, str]] | None:
     if not provider.chance(faults.submit_error_rate):
         return None
     provider.stats["submits_refused"] += 1
-    headers = {"Retry-After": str(faults.retry_after_s)} if faults.retry_after_s else {}
+    headers = {} if faults.retry_after_s is None else {"Retry-After": str(faults.retry_after_s)}
     return faults.submit_error_status, headers
 
 
@@ -305,6 +305,15 @@ async def get_deliveries(request: web.Request) -> web.Response:
     return web.json_response(rows)
 
 
+async def get_tasks(request: web.Request) -> web.Response:
+    """Every task with its webhook URL: what the provider knows, for tests to inspect."""
+    rows = [
+        {**task.prediction(with_input=True), "webhook": task.webhook}
+        for task in request.app[PROVIDER].tasks.values()
+    ]
+    return web.json_response(rows)
+
+
 async def reset(request: web.Request) -> web.Response:
     request.app[PROVIDER].reset()
     return web.json_response({"ok": True})
@@ -344,5 +353,6 @@ def create_emulator_app(
     r.add_put("/_emulator/faults", put_faults)
     r.add_get("/_emulator/stats", get_stats)
     r.add_get("/_emulator/deliveries", get_deliveries)
+    r.add_get("/_emulator/tasks", get_tasks)
     r.add_post("/_emulator/reset", reset)
     return app

@@ -96,9 +96,15 @@ def _check_number(spec: ParamSpec, value: Any) -> str | None:
         return f"must be an integer, got {value}"
     lo, hi = spec.minimum, spec.maximum
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bound = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else f">= {lo:g}"
+        bound = f"{_num(lo)}..{_num(hi)}" if hi is not None else f">= {_num(lo)}"
         return f"must be in range {bound}, got {value}"
     return None
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _check_image_size(value: Any) -> str | None:

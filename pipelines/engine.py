@@ -181,7 +181,9 @@ class Engine:
         except ProviderError as exc:
             if exc.retryable and job.tries < self.config.max_submit_tries:
                 await self.store.set_attempt_state(job, "forget", drop_job=False)
-                delay = exc.retry_after or self.config.submit_backoff_s * 2 ** (job.tries - 1)
+                # Exponential backoff, but never sooner than the provider's Retry-After.
+                backoff = self.config.submit_backoff_s * 2 ** (job.tries - 1)
+                delay = max(backoff, exc.retry_after or 0.0)
                 await self.store.retry_job(job, at=self._clock() + delay, error=str(exc))
                 log.warning("stage.submit_retrying", error=str(exc), delay_s=delay)
                 return

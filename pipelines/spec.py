@@ -422,7 +422,8 @@ def bind_inputs(
         if name in given:
             value = given[name]
             if not _is_type(value, decl.type):
-                problems.add(None, f"inputs.{name}", f"must be a {decl.type}, got {value!r}")
+                article = "an" if decl.type == "integer" else "a"
+                problems.add(None, f"inputs.{name}", f"must be {article} {decl.type}, got {value!r}")
             bound[name] = value
         elif decl.default is not None:
             bound[name] = decl.default

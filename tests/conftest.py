@@ -54,6 +54,11 @@ class Emulator:
             result: list[dict[str, Any]] = await resp.json()
             return result
 
+    async def tasks(self) -> list[dict[str, Any]]:
+        async with self.http.get(f"{self.base_url}/_emulator/tasks") as resp:
+            result: list[dict[str, Any]] = await resp.json()
+            return result
+
     async def fetch(self, url: str) -> tuple[int, str, bytes]:
         async with self.http.get(url) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), await resp.read()

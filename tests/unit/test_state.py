@@ -1,0 +1,321 @@
+"""The run/stage state machine, driven with plain calls: no loop, no I/O, no fakes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines import spec as specs
+from pipelines.state import (
+    CancelRequested,
+    Decision,
+    Emit,
+    Event,
+    InvalidTransitionError,
+    RunState,
+    RunStatus,
+    StageStatus,
+    Start,
+    Submit,
+    SubmitRejected,
+    Submitted,
+    TaskFailed,
+    TaskProcessing,
+    TaskSucceeded,
+    decide,
+    initial_state,
+)
+
+IMG, I2V, MESH = (
+    "wavespeed-ai/hunyuan-image-2.1",
+    "wavespeed-ai/hunyuan-video/i2v",
+    "wavespeed-ai/hunyuan3d/v2.1",
+)
+NOW = 1_000.0
+
+
+def pipeline(retry: int = 1) -> specs.Pipeline:
+    """image → (video, mesh) → final (fan-out then fan-in)."""
+    return specs.parse(
+        {
+            "stages": {
+                "image": {"model": IMG, "input": {"prompt": "p"}},
+                "video": {
+                    "model": I2V,
+                    "input": {"image": "${stages.image.outputs[0]}"},
+                    "retry": {"attempts": retry, "backoff": 2},
+                },
+                "mesh": {"model": MESH, "input": {"image": "${stages.image.outputs[0]}"}},
+                "final": {
+                    "model": MESH,
+                    "input": {"image": "${stages.image.outputs[0]}"},
+                    "needs": ["video", "mesh"],
+                },
+            }
+        },
+        where="test",
+    )
+
+
+def step(p: specs.Pipeline, state: RunState, event: Event) -> Decision:
+    return decide(p, state, event, now=NOW)
+
+
+def started(p: specs.Pipeline) -> RunState:
+    return step(p, initial_state("r1", p), Start()).state
+
+
+def submits(decision: Decision) -> list[tuple[str, int]]:
+    return [(c.stage, c.attempt) for c in decision.commands if isinstance(c, Submit)]
+
+
+def emits(decision: Decision) -> list[str]:
+    return [c.type for c in decision.commands if isinstance(c, Emit)]
+
+
+def finish(p: specs.Pipeline, state: RunState, stage: str) -> Decision:
+    attempt = state.stages[stage].attempt
+    state = step(p, state, Submitted(stage, attempt, f"t-{stage}-{attempt}")).state
+    return step(p, state, TaskSucceeded(stage, attempt, f"t-{stage}-{attempt}", (f"u-{stage}",)))
+
+
+def test_start_submits_only_roots() -> None:
+    """Start schedules stages without needs and announces the run."""
+    p = pipeline()
+    d = step(p, initial_state("r1", p), Start())
+    assert submits(d) == [("image", 1)] and emits(d) == ["run.started"]
+    assert d.state.status is RunStatus.RUNNING
+
+
+def test_start_twice_is_a_no_op() -> None:
+    """A repeated Start changes nothing."""
+    p = pipeline()
+    s = started(p)
+    d = step(p, s, Start())
+    assert not d.changed and d.state == s and d.commands == ()
+
+
+def test_fan_out_then_fan_in() -> None:
+    """image's success submits video and mesh; final waits for both."""
+    p = pipeline()
+    d = finish(p, started(p), "image")
+    assert sorted(submits(d)) == [("mesh", 1), ("video", 1)]
+    d = finish(p, d.state, "video")
+    assert submits(d) == []
+    d = finish(p, d.state, "mesh")
+    assert submits(d) == [("final", 1)]
+    d = finish(p, d.state, "final")
+    assert d.state.status is RunStatus.SUCCEEDED and emits(d)[-1] == "run.succeeded"
+
+
+def test_submitted_then_processing_then_success() -> None:
+    """The normal path records the task id and outputs."""
+    p = pipeline()
+    s = step(p, started(p), Submitted("image", 1, "t1")).state
+    assert s.stages["image"].status is StageStatus.SUBMITTED and s.stages["image"].task_id == "t1"
+    s = step(p, s, TaskProcessing("image", 1, "t1")).state
+    assert s.stages["image"].status is StageStatus.PROCESSING
+    s = step(p, s, TaskSucceeded("image", 1, "t1", ("u",))).state
+    assert s.stages["image"].status is StageStatus.SUCCEEDED and s.stages["image"].outputs == ("u",)
+
+
+def test_duplicate_success_is_a_no_op() -> None:
+    """A second TaskSucceeded for the same task changes nothing and emits nothing."""
+    p = pipeline()
+    d = finish(p, started(p), "image")
+    again = step(p, d.state, TaskSucceeded("image", 1, "t-image-1", ("u-image",)))
+    assert not again.changed and again.state == d.state and again.commands == ()
+
+
+def test_failure_after_success_does_not_roll_back() -> None:
+    """A late 'failed' for a succeeded stage is ignored."""
+    p = pipeline()
+    d = finish(p, started(p), "image")
+    late = step(p, d.state, TaskFailed("image", 1, "t-image-1", "boom"))
+    assert not late.changed and late.state.stages["image"].status is StageStatus.SUCCEEDED
+
+
+def test_processing_after_success_does_not_roll_back() -> None:
+    """An out-of-order 'processing' after the result is ignored."""
+    p = pipeline()
+    d = finish(p, started(p), "image")
+    late = step(p, d.state, TaskProcessing("image", 1, "t-image-1"))
+    assert not late.changed
+
+
+def test_result_before_submit_ack_is_applied() -> None:
+    """A result on the attempt before its Submitted (answer lost) completes the stage."""
+    p = pipeline()
+    d = step(p, started(p), TaskSucceeded("image", 1, "t9", ("u",)))
+    assert d.state.stages["image"].status is StageStatus.SUCCEEDED
+    assert d.state.stages["image"].task_id == "t9"
+    late_ack = step(p, d.state, Submitted("image", 1, "t9"))
+    assert not late_ack.changed
+
+
+def test_other_task_id_is_ignored() -> None:
+    """A result naming another task than the recorded one has no effect."""
+    p = pipeline()
+    s = step(p, started(p), Submitted("image", 1, "t1")).state
+    d = step(p, s, TaskSucceeded("image", 1, "t-other", ("u",)))
+    assert not d.changed
+
+
+def test_failure_without_retries_fails_run_and_cancels_pending() -> None:
+    """A failed stage fails the run; stages not yet submitted are cancelled; run.failed once."""
+    p = pipeline()
+    d = finish(p, started(p), "image")
+    s = step(p, d.state, Submitted("video", 1, "tv")).state
+    s = step(p, s, Submitted("mesh", 1, "tm")).state
+    d = step(p, s, TaskFailed("video", 1, "tv", "5000: boom"))
+    assert d.state.status is RunStatus.FAILED
+    assert d.state.stages["video"].error == "5000: boom"
+    assert d.state.stages["final"].status is StageStatus.CANCELLED
+    assert d.state.stages["mesh"].status is StageStatus.SUBMITTED  # in flight at the provider
+    assert emits(d) == ["stage.failed", "run.failed"]
+    d2 = step(p, d.state, TaskFailed("mesh", 1, "tm", "other"))
+    assert emits(d2) == ["stage.failed"]  # the run already failed: no second run.failed
+
+
+def test_failure_cancels_scheduled_but_unsent_stage() -> None:
+    """A stage scheduled but not yet accepted is cancelled, so its submit never leaves."""
+    p = pipeline()
+    s = finish(p, started(p), "image").state
+    s = step(p, s, Submitted("video", 1, "tv")).state
+    d = step(p, s, TaskFailed("video", 1, "tv", "5000"))
+    assert d.state.stages["mesh"].status is StageStatus.CANCELLED
+    assert not step(p, d.state, Submitted("mesh", 1, "tm")).changed
+
+
+def test_retry_schedules_next_attempt_with_backoff() -> None:
+    """With attempts left, a retryable failure re-submits after backoff * 2**(n-1)."""
+    p = pipeline(retry=3)
+    d = finish(p, started(p), "image")
+    s = step(p, d.state, Submitted("video", 1, "tv1")).state
+    d = step(p, s, TaskFailed("video", 1, "tv1", "5003"))
+    assert d.commands == (Submit("video", 2, not_before=NOW + 2),)
+    assert d.state.stages["video"].status is StageStatus.PENDING
+    s = step(p, d.state, Submitted("video", 2, "tv2")).state
+    d = step(p, s, TaskFailed("video", 2, "tv2", "5003"))
+    assert d.commands == (Submit("video", 3, not_before=NOW + 4),)
+    s = step(p, d.state, Submitted("video", 3, "tv3")).state
+    d = step(p, s, TaskFailed("video", 3, "tv3", "5003"))
+    assert d.state.status is RunStatus.FAILED
+
+
+def test_non_retryable_failure_skips_retries() -> None:
+    """A 1xxx error (fix the request) fails at once whatever the policy."""
+    p = pipeline(retry=3)
+    s = finish(p, started(p), "image").state
+    s = step(p, s, Submitted("video", 1, "tv")).state
+    d = step(p, s, TaskFailed("video", 1, "tv", "1402", retryable=False))
+    assert d.state.stages["video"].status is StageStatus.FAILED
+
+
+def test_late_result_of_old_attempt_is_ignored() -> None:
+    """After a retry, a callback for attempt 1 has no effect."""
+    p = pipeline(retry=2)
+    s = finish(p, started(p), "image").state
+    s = step(p, s, Submitted("video", 1, "tv1")).state
+    s = step(p, s, TaskFailed("video", 1, "tv1", "5000")).state
+    d = step(p, s, TaskSucceeded("video", 1, "tv1", ("u",)))
+    assert not d.changed and d.state.stages["video"].attempt == 2
+
+
+def test_submit_rejected_fails_stage() -> None:
+    """A refused submit fails the stage and the run with the provider's message."""
+    p = pipeline()
+    d = step(p, started(p), SubmitRejected("image", 1, "HTTP 400: bad size"))
+    assert d.state.stages["image"].status is StageStatus.FAILED
+    assert d.state.stages["image"].error == "HTTP 400: bad size"
+    assert d.state.status is RunStatus.FAILED
+
+
+def test_cancel_stops_everything_and_late_results_do_nothing() -> None:
+    """Cancel marks every unfinished stage cancelled; later callbacks change nothing."""
+    p = pipeline()
+    s = step(p, started(p), Submitted("image", 1, "t1")).state
+    d = step(p, s, CancelRequested())
+    assert d.state.status is RunStatus.CANCELLED and emits(d) == ["run.cancelled"]
+    assert all(st.status is StageStatus.CANCELLED for st in d.state.stages.values())
+    late = step(p, d.state, TaskSucceeded("image", 1, "t1", ("u",)))
+    assert not late.changed and submits(late) == []
+    assert not step(p, d.state, CancelRequested()).changed
+
+
+def test_cancel_of_finished_run_is_invalid() -> None:
+    """A succeeded run cannot be cancelled; the state is left unchanged."""
+    p = specs.parse({"stages": {"a": {"model": IMG, "input": {"prompt": "p"}}}}, where="t")
+    s = finish(p, step(p, initial_state("r", p), Start()).state, "a").state
+    with pytest.raises(InvalidTransitionError):
+        step(p, s, CancelRequested())
+
+
+@pytest.mark.parametrize(
+    "event",
+    [Submitted("nope", 1, "t"), Submitted("video", 1, "t"), TaskSucceeded("image", 2, "t", ())],
+)
+def test_impossible_events_raise(event: Event) -> None:
+    """Unknown stages and never-scheduled attempts are errors, and the state is untouched."""
+    p = pipeline()
+    s = started(p)
+    with pytest.raises(InvalidTransitionError):
+        step(p, s, event)
+    assert s == started(p)
+
+
+def test_module_is_pure() -> None:
+    """state.py imports nothing that does I/O."""
+    tree = ast.parse(Path(specs.__file__).with_name("state.py").read_text())
+    names = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+    }
+    assert not names & {"aiohttp", "boto3", "anyio", "sqlite3", "structlog", "asyncio", "time"}
+
+
+STAGES = ["image", "video", "mesh", "final"]
+events = st.one_of(
+    st.builds(Submitted, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"])),
+    st.builds(TaskProcessing, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"])),
+    st.builds(
+        TaskSucceeded, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"]),
+        st.just(("u",)),
+    ),
+    st.builds(
+        TaskFailed, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"]),
+        st.just("e"), st.booleans(),
+    ),
+    st.just(CancelRequested()),
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(events, max_size=30))
+def test_random_histories_keep_invariants(history: list[Event]) -> None:
+    """Whatever arrives, in any order or repeated: terminal stages never change, each stage
+    succeeds at most once, run.* terminal events appear at most once."""
+    p = pipeline(retry=2)
+    state = started(p)
+    succeeded: list[str] = []
+    run_events: list[str] = []
+    for event in history:
+        before = state
+        try:
+            d = step(p, state, event)
+        except InvalidTransitionError:
+            continue
+        for name, old in before.stages.items():
+            if old.status.terminal:
+                assert d.state.stages[name] == old
+        succeeded += [c.stage or "" for c in d.commands if isinstance(c, Emit) and c.type == "stage.succeeded"]
+        run_events += [t for t in emits(d) if t.startswith("run.") and t != "run.started"]
+        state = d.state
+    assert len(succeeded) == len(set(succeeded))
+    assert len(run_events) <= 1
