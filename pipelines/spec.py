@@ -423,7 +423,9 @@ def bind_inputs(
             value = given[name]
             if not _is_type(value, decl.type):
                 article = "an" if decl.type == "integer" else "a"
-                problems.add(None, f"inputs.{name}", f"must be {article} {decl.type}, got {value!r}")
+                problems.add(
+                    None, f"inputs.{name}", f"must be {article} {decl.type}, got {value!r}"
+                )
             bound[name] = value
         elif decl.default is not None:
             bound[name] = decl.default

@@ -27,7 +27,11 @@ CHAIN = {
     "stages": {
         "image": {"model": IMG, "input": {"prompt": "a fox", "size": "512*512"}},
         "video": {"model": I2V, "input": {"image": "${stages.image.outputs[0]}"}},
-        "mesh": {"model": MESH, "input": {"image": "${stages.image.outputs[0]}"}, "needs": ["video"]},
+        "mesh": {
+            "model": MESH,
+            "input": {"image": "${stages.image.outputs[0]}"},
+            "needs": ["video"],
+        },
     },
 }
 FAN_IN = {
@@ -50,7 +54,8 @@ def by_name(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def events(wc: Wavechain, run_id: str) -> list[dict[str, Any]]:
-    return await wc.app[keys.ENGINE].store.outbox(run_id)
+    rows: list[dict[str, Any]] = await wc.app[keys.ENGINE].store.outbox(run_id)
+    return rows
 
 
 async def test_chain_with_zero_polls(make_wavechain: WavechainFactory) -> None:
@@ -210,7 +215,9 @@ async def test_submit_throttling_is_retried(
     """429 on submit is retried no sooner than Retry-After; the run completes once it clears."""
     emulator = await make_emulator(submit_error_rate=1.0, retry_after_s=2)
     wc = await make_wavechain(emulator)
-    run_id = (await wc.create_run({"stages": {"v": {"model": T2V, "input": {"prompt": "x"}}}}))["id"]
+    run_id = (await wc.create_run({"stages": {"v": {"model": T2V, "input": {"prompt": "x"}}}}))[
+        "id"
+    ]
     await asyncio.sleep(1.0)
     assert (await emulator.counters())["submits_refused"] == 1  # Retry-After: 2 honoured
     await asyncio.sleep(1.5)
@@ -227,7 +234,9 @@ async def _silent_run(make_emulator: EmulatorFactory, make_wavechain: WavechainF
     """A run whose only task completed but whose webhook was dropped."""
     emulator = await make_emulator(drop_rate=1.0)
     wc = await make_wavechain(emulator)
-    run_id = (await wc.create_run({"stages": {"v": {"model": T2V, "input": {"prompt": "x"}}}}))["id"]
+    run_id = (await wc.create_run({"stages": {"v": {"model": T2V, "input": {"prompt": "x"}}}}))[
+        "id"
+    ]
     async with asyncio.timeout(10):
         while not (tasks := await emulator.tasks()) or tasks[0]["status"] != "completed":
             await asyncio.sleep(0.02)
@@ -310,7 +319,9 @@ async def test_cancel_then_late_callback(
     assert (await emulator.counters())["submits"] == 1
     async with wc.http.post(f"{wc.base_url}/v1/runs/{run_id}/cancel") as resp:
         assert resp.status == 200  # cancelling a cancelled run is idempotent
-    done = await wc.wait((await wc.create_run({"stages": {"v": {"model": T2V, "input": {"prompt": "x"}}}}))["id"])
+    done = await wc.wait(
+        (await wc.create_run({"stages": {"v": {"model": T2V, "input": {"prompt": "x"}}}}))["id"]
+    )
     async with wc.http.post(f"{wc.base_url}/v1/runs/{done['id']}/cancel") as resp:
         assert resp.status == 409
 
@@ -324,7 +335,9 @@ async def test_rest_api_surface(make_wavechain: WavechainFactory) -> None:
     async with wc.http.get(f"{wc.base_url}/v1/runs?status=failed") as resp:
         assert (await resp.json())["runs"] == []
     for path in ("/v1/runs/run_missing", "/v1/runs/run_missing/cancel"):
-        async with wc.http.request("GET" if "cancel" not in path else "POST", wc.base_url + path) as r:
+        async with wc.http.request(
+            "GET" if "cancel" not in path else "POST", wc.base_url + path
+        ) as r:
             assert r.status == 404
     async with wc.http.get(f"{wc.base_url}/v1/pipelines") as resp:
         names = {p["name"] for p in (await resp.json())["pipelines"]}

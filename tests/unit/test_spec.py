@@ -145,7 +145,9 @@ def test_undeclared_and_mistyped_inputs() -> None:
 
 def test_unknown_reference_syntax() -> None:
     """Anything but inputs.NAME or stages.NAME.outputs[N] is refused."""
-    rejects({"a": {"model": IMG, "input": {"prompt": "${env.HOME}"}}}, "unknown reference ${env.HOME}")
+    rejects(
+        {"a": {"model": IMG, "input": {"prompt": "${env.HOME}"}}}, "unknown reference ${env.HOME}"
+    )
 
 
 def test_all_problems_reported_at_once() -> None:
@@ -185,13 +187,13 @@ def test_bind_inputs_checks_values_against_catalog() -> None:
     p = parse({"a": {"model": IMG, "input": {"prompt": "${inputs.p}", "seed": "${inputs.s}"}}},
               inputs={"p": "string", "s": {"type": "integer", "default": 1}})  # fmt: skip
     assert specs.bind_inputs(p, {"p": "x"}) == {"p": "x", "s": 1}
-    with pytest.raises(SpecError, match="inputs.p: is required"):
+    with pytest.raises(SpecError, match=r"inputs\.p: is required"):
         specs.bind_inputs(p, {})
-    with pytest.raises(SpecError, match="inputs.s: must be an integer"):
+    with pytest.raises(SpecError, match=r"inputs\.s: must be an integer"):
         specs.bind_inputs(p, {"p": "x", "s": "7"})
-    with pytest.raises(SpecError, match="inputs.zz: not declared"):
+    with pytest.raises(SpecError, match=r"inputs\.zz: not declared"):
         specs.bind_inputs(p, {"p": "x", "zz": 1})
-    with pytest.raises(SpecError, match="input.seed: must be in range -1..2147483647"):
+    with pytest.raises(SpecError, match=r"input\.seed: must be in range -1\.\.2147483647"):
         specs.bind_inputs(p, {"p": "x", "s": -9})
 
 

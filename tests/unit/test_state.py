@@ -275,23 +275,20 @@ def test_module_is_pure() -> None:
         alias.name.split(".")[0]
         for node in ast.walk(tree)
         if isinstance(node, ast.Import | ast.ImportFrom)
-        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
     }
     assert not names & {"aiohttp", "boto3", "anyio", "sqlite3", "structlog", "asyncio", "time"}
 
 
 STAGES = ["image", "video", "mesh", "final"]
+_stage, _attempt, _task = st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"])
 events = st.one_of(
-    st.builds(Submitted, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"])),
-    st.builds(TaskProcessing, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"])),
-    st.builds(
-        TaskSucceeded, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"]),
-        st.just(("u",)),
-    ),
-    st.builds(
-        TaskFailed, st.sampled_from(STAGES), st.integers(1, 2), st.sampled_from(["a", "b"]),
-        st.just("e"), st.booleans(),
-    ),
+    st.builds(Submitted, _stage, _attempt, _task),
+    st.builds(TaskProcessing, _stage, _attempt, _task),
+    st.builds(TaskSucceeded, _stage, _attempt, _task, st.just(("u",))),
+    st.builds(TaskFailed, _stage, _attempt, _task, st.just("e"), st.booleans()),
     st.just(CancelRequested()),
 )  # fmt: skip
 
@@ -314,7 +311,9 @@ def test_random_histories_keep_invariants(history: list[Event]) -> None:
         for name, old in before.stages.items():
             if old.status.terminal:
                 assert d.state.stages[name] == old
-        succeeded += [c.stage or "" for c in d.commands if isinstance(c, Emit) and c.type == "stage.succeeded"]
+        succeeded += [
+            c.stage or "" for c in d.commands if isinstance(c, Emit) and c.type == "stage.succeeded"
+        ]
         run_events += [t for t in emits(d) if t.startswith("run.") and t != "run.started"]
         state = d.state
     assert len(succeeded) == len(set(succeeded))

@@ -1,0 +1,134 @@
+"""The CLI as a user runs it: real processes for the emulator, the server and each command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.procs import free_port, wavechain
+
+SECRET = "whsec_ZTJlLXNlY3JldC1rZXk="
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`wavechain emulator` and `wavechain serve` as processes; yields the API URL."""
+    tmp = tmp_path_factory.mktemp("stack")
+    emu_port, port = free_port(), free_port()
+    emu = f"http://127.0.0.1:{emu_port}"
+    env = {
+        "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
+        "DATABASE_URL": f"sqlite:///{tmp}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
+    }  # fmt: skip
+    with (
+        wavechain("emulator", "--port", str(emu_port), "--latency", "0.1",
+                  "--webhook-secret", SECRET, port=emu_port, log=tmp / "emulator.log"),
+        wavechain("--log-json", "serve", port=port, log=tmp / "serve.log", env=env),
+    ):  # fmt: skip
+        yield f"http://127.0.0.1:{port}"
+    for log in ("serve.log", "emulator.log"):
+        text = (tmp / log).read_text()
+        assert "ZTJlLXNlY3JldC1rZXk" not in text, f"secret leaked into {log}"
+
+
+def test_run_wait_json(stack: str) -> None:
+    """`run FILE --set --wait --json` prints a JSON summary of a finished run."""
+    example = Path("pipelines/examples/image_video_3d.yaml")
+    proc = cli("run", str(example), "--set", "seed=7", "--set", "prompt=a red fox",
+               "--wait", "--json", "--server", stack)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)
+    assert run["status"] == "succeeded" and run["inputs"] == {"prompt": "a red fox", "seed": 7}
+    assert [s["status"] for s in run["stages"]] == ["succeeded"] * 3
+
+    status = cli("status", run["id"], "--server", stack)
+    assert status.returncode == 0 and "succeeded" in status.stdout and ".mp4" in status.stdout
+    runs = cli("runs", "--server", stack)
+    assert run["id"] in runs.stdout
+
+
+def test_run_wait_shows_progress(stack: str) -> None:
+    """Without --json, --wait shows each stage's progress and the outputs."""
+    proc = cli("run", "storyboard", "--wait", "--server", stack)
+    assert proc.returncode == 0, proc.stderr
+    for fragment in ("clip", "keyframes", "prop", "submitted", "succeeded", ".png", ".glb"):
+        assert fragment in proc.stdout
+
+
+def test_run_rejects_bad_set_before_submitting(stack: str) -> None:
+    """An out-of-range --set is refused with the stage, field and rule; exit code 2."""
+    proc = cli("run", "image_video_3d", "--set", "seed=-9", "--server", stack)
+    assert proc.returncode == 2
+    assert "stage 'image': input.seed: must be in range -1..2147483647" in proc.stderr
+
+
+def test_cancel_command(stack: str) -> None:
+    """`cancel` on a finished run reports the conflict clearly."""
+    run = json.loads(cli("run", "image_video_3d", "--wait", "--json", "--server", stack).stdout)
+    proc = cli("cancel", run["id"], "--server", stack)
+    assert proc.returncode == 2 and "already succeeded" in proc.stderr
+
+
+def test_unreachable_server_is_explained() -> None:
+    """A client command with no server running says so instead of a traceback."""
+    proc = cli("runs", "--server", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2 and "cannot reach wavechain" in proc.stderr
+
+
+def test_validate(tmp_path: Path) -> None:
+    """`validate` passes the examples and names the file, stage, field and rule of a bad one."""
+    ok = cli(
+        "validate", "pipelines/examples/image_video_3d.yaml", "pipelines/examples/storyboard.yaml"
+    )
+    assert ok.returncode == 0 and ok.stdout.count("ok:") == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "stages:\n  img:\n    model: wavespeed-ai/hunyuan-image-2.1\n"
+        "    input: {prompt: x, size: '2048*2048'}\n"
+    )
+    proc = cli("validate", str(bad))
+    assert proc.returncode == 1
+    assert (
+        f"{bad}: stage 'img': input.size: each dimension must be in range 256..1536" in proc.stderr
+    )
+
+
+def test_serve_refuses_bad_config() -> None:
+    """A bad variable stops `serve` with a message naming it."""
+    proc = cli("serve", env={"WAVECHAIN_PORT": "http"})
+    assert proc.returncode == 2 and "WAVECHAIN_PORT must be an integer" in proc.stderr
+    proc = cli("serve", env={"WAVECHAIN_PORT": str(free_port())})
+    assert proc.returncode == 2 and "WAVESPEED_API_KEY is not set" in proc.stderr
+
+
+def test_demo_completes_without_polling() -> None:
+    """`wavechain demo` runs image → video + 3D end to end with zero result polls."""
+    proc = cli("demo", "--latency", "0.2", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "image_video_3d): succeeded" in proc.stdout
+    assert "0 result polls" in proc.stdout and "3 signed webhooks" in proc.stdout
+    for ext in (".png", ".mp4", ".glb"):
+        assert ext in proc.stdout
+
+
+def test_emulator_serves_faults_endpoint(stack: str) -> None:
+    """Sanity: the stack's API answers readiness."""
+    assert requests.get(f"{stack}/readyz", timeout=5).json() == {"ready": True}

@@ -1,0 +1,107 @@
+"""The SQLite store over a real file: atomic transitions, leases, the not-yet-committed race."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pipelines import spec as specs
+from pipelines.state import Submitted, TaskSucceeded
+from pipelines.store import Store
+
+IMG = "wavespeed-ai/hunyuan-image-2.1"
+PIPELINE = specs.parse({"stages": {"a": {"model": IMG, "input": {"prompt": "x"}}}}, where="t")
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = Store(f"sqlite:///{tmp_path}/s.db")
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_create_run_enqueues_root_submit(store: Store) -> None:
+    """A new run has its root stage's submit job and a run.started event, atomically."""
+    run_id = await store.create_run(PIPELINE, {}, now=100.0)
+    jobs = await store.claim_jobs(now=100.0, limit=10, lease_s=30)
+    assert [(j.kind, j.stage, j.attempt) for j in jobs] == [("submit", "a", 1)]
+    assert [e["type"] for e in await store.outbox(run_id)] == ["run.started"]
+
+
+async def test_lease_hides_job_until_expiry(store: Store) -> None:
+    """A claimed job is invisible to others until its lease expires, then taken again."""
+    await store.create_run(PIPELINE, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=10, lease_s=30)
+    assert await store.claim_jobs(now=129.0, limit=10, lease_s=30) == []
+    (again,) = await store.claim_jobs(now=131.0, limit=10, lease_s=30)
+    assert again.id == job.id and again.tries == 2
+
+
+async def test_webhook_before_submit_commit_is_not_yet(store: Store) -> None:
+    """A callback on an attempt still 'sending' is answered not_yet and records nothing."""
+    run_id = await store.create_run(PIPELINE, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
+    await store.record_attempt(job, "tok-abc", now=100.0)
+    outcome = await store.webhook(
+        provider="wavespeed", webhook_id="w1", token="tok-abc", task_id="t1",
+        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)), now=101.0,
+    )  # fmt: skip
+    assert outcome.effect == "not_yet"
+    assert await store.deliveries(run_id) == []
+    await store.accept_attempt(job, "tok-abc", "t1", [Submitted("a", 1, "t1")], now=101.0)
+    outcome = await store.webhook(
+        provider="wavespeed", webhook_id="w1", token="tok-abc", task_id="t1",
+        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)), now=102.0,
+    )  # fmt: skip
+    assert outcome.effect == "applied"
+    run = await store.get_run(run_id)
+    assert run is not None and run.status == "succeeded"
+
+
+async def test_lost_submit_answer_adopts_task_from_signed_callback(store: Store) -> None:
+    """An attempt whose answer was lost ('unknown') takes its task id from the callback."""
+    run_id = await store.create_run(PIPELINE, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
+    await store.record_attempt(job, "tok-lost", now=100.0)
+    await store.set_attempt_state(job, "unknown", drop_job=True)
+    outcome = await store.webhook(
+        provider="wavespeed", webhook_id="w9", token="tok-lost", task_id="t9",
+        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t9", ("u",)), now=101.0,
+    )  # fmt: skip
+    assert outcome.effect == "applied"
+    run = await store.get_run(run_id)
+    assert run is not None and run.stages[0].task_id == "t9"
+
+
+async def test_concurrent_duplicate_deliveries_apply_once(store: Store) -> None:
+    """Fifty concurrent copies of one delivery: one applied, the rest duplicates."""
+    run_id = await store.create_run(PIPELINE, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
+    await store.record_attempt(job, "tok", now=100.0)
+    await store.accept_attempt(job, "tok", "t1", [Submitted("a", 1, "t1")], now=100.0)
+    outcomes = await asyncio.gather(*(
+        store.webhook(provider="wavespeed", webhook_id="same", token="tok", task_id="t1",
+                      status="completed", now=101.0,
+                      make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)))
+        for _ in range(50)
+    ))  # fmt: skip
+    effects = sorted(o.effect for o in outcomes)
+    assert effects.count("applied") == 1 and effects.count("duplicate") == 49
+    assert [e["type"] for e in await store.outbox(run_id)].count("stage.succeeded") == 1
+    assert store.stats["batches"] < store.stats["operations"]  # commits were grouped
+
+
+async def test_state_survives_reopen(tmp_path: Path) -> None:
+    """What was committed is there after the store is closed and opened again."""
+    first = Store(f"sqlite:///{tmp_path}/s.db")
+    await first.start()
+    run_id = await first.create_run(PIPELINE, {"k": 1}, now=100.0)
+    await first.close()
+    second = Store(f"sqlite:///{tmp_path}/s.db")
+    await second.start()
+    run = await second.get_run(run_id)
+    await second.close()
+    assert run is not None and run.inputs == {"k": 1} and run.stages[0].attempt == 1

@@ -1,0 +1,26 @@
+"""Log redaction: no secret, token, key or presigned signature reaches a log line."""
+
+from __future__ import annotations
+
+from service.logging import REDACTED, redact, scrub
+
+
+def test_secret_looking_keys_are_dropped() -> None:
+    """Values under secret-like keys are replaced whatever they contain."""
+    event = {"event": "x", "api_key": "k", "webhook_secret": "s",
+             "Authorization": "Bearer abc", "token": "t", "count": 3}  # fmt: skip
+    out = redact(None, "info", event)
+    assert out["api_key"] == out["webhook_secret"] == out["Authorization"] == REDACTED
+    assert out["token"] == REDACTED and out["count"] == 3
+
+
+def test_credentials_inside_strings_are_scrubbed() -> None:
+    """Presigned signatures, webhook tokens, bearer keys and whsec_ secrets are cut from text."""
+    text = (
+        "GET https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA/x&X-Amz-Signature=deadbeef "
+        "POST /webhooks/wavespeed/AbCdEfGhIjKlMnOp123 Bearer sk-live-123 whsec_c2VjcmV0"
+    )
+    out = scrub(text)
+    for leaked in ("deadbeef", "AKIA", "AbCdEfGhIjKlMnOp123", "sk-live-123", "c2VjcmV0"):
+        assert leaked not in out
+    assert "/webhooks/wavespeed/" in out and "X-Amz-Signature=" in out
