@@ -13,18 +13,22 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
 from pipelines.catalog import get_model
 from pipelines.errors import ProviderError, SpecError
+from pipelines.mirror import MirrorRejectedError, S3Mirror
 from pipelines.providers import AimlClient, Prediction, SubmitOutcomeUnknownError, WaveSpeedClient
 from pipelines.spec import Pipeline, bind_inputs, render
 from pipelines.state import (
     CancelRequested,
     Decision,
     Event,
+    Mirrored,
+    MirrorFailed,
+    StageState,
     StageStatus,
     SubmitRejected,
     Submitted,
@@ -45,6 +49,11 @@ class EngineConfig:
     poll_interval_s: float = 0.5
     max_submit_tries: int = 8
     submit_backoff_s: float = 1.0
+    #: Downstream stages get presigned URLs of our copies ("mirrored") or the provider's.
+    downstream_urls: Literal["mirrored", "provider"] = "mirrored"
+    presign_ttl_s: int = 6 * 3600
+    #: Transient mirror failures (S3 down) are retried this often before the stage fails.
+    max_mirror_tries: int = 30
 
 
 class Engine:
@@ -55,6 +64,7 @@ class Engine:
         *,
         wavespeed: WaveSpeedClient,
         aiml: AimlClient,
+        mirror: S3Mirror | None = None,
         clock: Callable[[], float] = time.time,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32),
     ) -> None:
@@ -62,6 +72,7 @@ class Engine:
         self.config = config
         self._wavespeed = wavespeed
         self._aiml = aiml
+        self._mirror = mirror
         self._clock = clock
         self._new_token = new_token
         self._wake = asyncio.Event()
@@ -75,7 +86,9 @@ class Engine:
 
     async def create_run(self, pipeline: Pipeline, inputs: Mapping[str, Any]) -> str:
         bound = bind_inputs(pipeline, inputs)  # SpecError before anything is written
-        run_id = await self.store.create_run(pipeline, bound, now=self._clock())
+        run_id = await self.store.create_run(
+            pipeline, bound, now=self._clock(), mirror=self._mirror is not None
+        )
         log.info("run.created", run_id=run_id, pipeline=pipeline.name)
         return run_id
 
@@ -130,6 +143,8 @@ class Engine:
             try:
                 if job.kind == "submit":
                     await self._submit(job)
+                elif job.kind == "mirror":
+                    await self._mirror_outputs(job)
                 else:
                     log.error("job.unknown_kind")
                     await self.store.drop_job(job)
@@ -161,7 +176,8 @@ class Engine:
             await self._reject(job, f"unknown model {spec.model!r}")
             return
         try:
-            body = render(spec, ctx.inputs, ctx.upstream, where=f"run {job.run_id}")
+            upstream = {name: await self._inputs_from(s) for name, s in ctx.upstream.items()}
+            body = render(spec, ctx.inputs, upstream, where=f"run {job.run_id}")
         except SpecError as exc:
             await self._reject(job, str(exc))
             return
@@ -214,6 +230,54 @@ class Engine:
         ]
         await self.store.accept_attempt(job, token, task_id, events, now=self._clock())
         log.info("stage.completed_sync", task_id=task_id, outputs=len(outputs))
+
+    async def _inputs_from(self, stage: StageState) -> list[str]:
+        """What a downstream stage receives: presigned URLs of our copies, or provider URLs."""
+        if self._mirror is None or not stage.mirrored or self.config.downstream_urls == "provider":
+            return list(stage.outputs)
+        ttl = self.config.presign_ttl_s
+        return [await self._mirror.presign(uri, expires_s=ttl) for uri in stage.mirrored]
+
+    async def _mirror_outputs(self, job: Job) -> None:
+        model, stage, cancelled = await self.store.stage_state(job.run_id, job.stage)
+        if self._mirror is None or cancelled or stage.attempt != job.attempt:
+            await self.store.drop_job(job)
+            return
+        if not stage.awaiting_mirror:
+            await self.store.drop_job(job)
+            return
+        metadata = {
+            "run-id": job.run_id,
+            "stage": job.stage,
+            "model": model,
+            "task-id": stage.task_id or "",
+        }
+        uris: list[str] = []
+        try:
+            for n, output in enumerate(stage.outputs):
+                stem = self._mirror.key_stem(job.run_id, job.stage, n)
+                copied = await self._mirror.copy(output, stem=stem, metadata=metadata)
+                uris.append(copied.uri)
+                log.info(
+                    "output.mirrored", key=copied.key, size=copied.size,
+                    content_type=copied.content_type, reused=copied.reused,
+                )  # fmt: skip
+        except MirrorRejectedError as exc:
+            event: Event = MirrorFailed(job.stage, job.attempt, str(exc))
+            await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+            log.warning("output.mirror_rejected", error=str(exc))
+            return
+        except Exception as exc:  # S3 or the network: transient until proven otherwise
+            if job.tries >= self.config.max_mirror_tries:
+                event = MirrorFailed(job.stage, job.attempt, f"mirroring gave up: {exc!r}")
+                await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+                return
+            delay = min(30.0, self.config.submit_backoff_s * 2 ** (job.tries - 1))
+            await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
+            log.warning("output.mirror_retrying", error=repr(exc), retry_in_s=delay)
+            return
+        event = Mirrored(job.stage, job.attempt, tuple(uris))
+        await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
 
     async def _reject(self, job: Job, error: str) -> None:
         event = SubmitRejected(job.stage, job.attempt, error)

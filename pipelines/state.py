@@ -49,8 +49,16 @@ class StageState:
     status: StageStatus = StageStatus.PENDING
     attempt: int = 0
     task_id: str | None = None
+    #: What the provider returned (URLs, or base64 for inline outputs).
     outputs: tuple[str, ...] = ()
+    #: Our copies (s3:// URIs), once mirrored.
+    mirrored: tuple[str, ...] = ()
     error: str = ""
+
+    @property
+    def awaiting_mirror(self) -> bool:
+        """The task finished and its outputs are being copied; no task event matters now."""
+        return bool(self.outputs) and not self.status.terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,8 @@ class RunState:
     run_id: str
     stages: Mapping[str, StageState]
     cancelled: bool = False
+    #: Outputs are copied to our bucket before a stage counts as succeeded.
+    mirror: bool = False
 
     @property
     def status(self) -> RunStatus:
@@ -72,8 +82,9 @@ class RunState:
         return RunStatus.RUNNING
 
 
-def initial_state(run_id: str, pipeline: Pipeline) -> RunState:
-    return RunState(run_id=run_id, stages={name: StageState() for name in pipeline.stages})
+def initial_state(run_id: str, pipeline: Pipeline, *, mirror: bool = False) -> RunState:
+    stages = {name: StageState() for name in pipeline.stages}
+    return RunState(run_id=run_id, stages=stages, mirror=mirror)
 
 
 # Events -------------------------------------------------------------------------------
@@ -130,16 +141,34 @@ class TaskFailed:
     retryable: bool = True
 
 
-Event = (
-    Start
-    | CancelRequested
-    | Submitted
+@dataclass(frozen=True, slots=True)
+class Mirrored:
+    """Every output is in our bucket."""
+
+    stage: str
+    attempt: int
+    uris: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorFailed:
+    """An output cannot be copied (forbidden host, too large, gone): permanent."""
+
+    stage: str
+    attempt: int
+    error: str
+
+
+StageEvent = (
+    Submitted
     | SubmitRejected
     | TaskProcessing
     | TaskSucceeded
     | TaskFailed
+    | Mirrored
+    | MirrorFailed
 )
-StageEvent = Submitted | SubmitRejected | TaskProcessing | TaskSucceeded | TaskFailed
+Event = Start | CancelRequested | StageEvent
 
 
 # Commands -----------------------------------------------------------------------------
@@ -153,6 +182,14 @@ class Submit:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """Copy the stage's outputs into our bucket."""
+
+    stage: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Emit:
     """A lifecycle event for the outbox (``run.started``, ``stage.succeeded``, …)."""
 
@@ -161,7 +198,7 @@ class Emit:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
-Command = Submit | Emit
+Command = Submit | Mirror | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +247,7 @@ def _cancel(state: RunState) -> Decision:
         name: s if s.status.terminal else dataclasses.replace(s, status=StageStatus.CANCELLED)
         for name, s in state.stages.items()
     }
-    new = RunState(run_id=state.run_id, stages=stages, cancelled=True)
+    new = dataclasses.replace(state, stages=stages, cancelled=True)
     return Decision(new, (Emit("run.cancelled"),))
 
 
@@ -227,7 +264,30 @@ def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: fl
     task_id = getattr(event, "task_id", None)
     if current.task_id is not None and task_id is not None and task_id != current.task_id:
         return _unchanged(state)
+    if isinstance(event, Mirrored | MirrorFailed):
+        return _mirror_event(pipeline, state, current, event)
+    if current.awaiting_mirror:
+        return _unchanged(state)  # the task's result is in; later task news is stale
+    return _task_event(pipeline, state, current, event, now)
 
+
+def _mirror_event(
+    pipeline: Pipeline, state: RunState, current: StageState, event: Mirrored | MirrorFailed
+) -> Decision:
+    if not current.awaiting_mirror:
+        return _unchanged(state)
+    if isinstance(event, MirrorFailed):
+        return _failed(state, event.stage, current, event.error, current.task_id)
+    return _succeeded(pipeline, state, event.stage, current, mirrored=event.uris)
+
+
+def _task_event(
+    pipeline: Pipeline,
+    state: RunState,
+    current: StageState,
+    event: Submitted | SubmitRejected | TaskProcessing | TaskSucceeded | TaskFailed,
+    now: float,
+) -> Decision:
     if isinstance(event, Submitted):
         if current.status is not StageStatus.PENDING:
             return _unchanged(state)
@@ -239,7 +299,15 @@ def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: fl
         stage = dataclasses.replace(current, status=StageStatus.PROCESSING, task_id=event.task_id)
         return _with_stage(state, event.stage, stage, ())
     if isinstance(event, TaskSucceeded):
-        return _succeeded(pipeline, state, event)
+        done = StageState(
+            status=StageStatus.PROCESSING,
+            attempt=event.attempt,
+            task_id=event.task_id,
+            outputs=event.outputs,
+        )
+        if state.mirror:
+            return _with_stage(state, event.stage, done, (Mirror(event.stage, event.attempt),))
+        return _succeeded(pipeline, state, event.stage, done, mirrored=())
     if isinstance(event, TaskFailed):
         policy = pipeline.stages[event.stage].retry
         if event.retryable and current.attempt < policy.attempts:
@@ -258,16 +326,13 @@ def _with_stage(
     return Decision(dataclasses.replace(state, stages=stages), commands)
 
 
-def _succeeded(pipeline: Pipeline, state: RunState, event: TaskSucceeded) -> Decision:
-    done = StageState(
-        status=StageStatus.SUCCEEDED,
-        attempt=event.attempt,
-        task_id=event.task_id,
-        outputs=event.outputs,
-    )
-    stages, submits = _schedule_ready(pipeline, {**state.stages, event.stage: done})
+def _succeeded(
+    pipeline: Pipeline, state: RunState, name: str, stage: StageState, *, mirrored: tuple[str, ...]
+) -> Decision:
+    done = dataclasses.replace(stage, status=StageStatus.SUCCEEDED, mirrored=mirrored)
+    stages, submits = _schedule_ready(pipeline, {**state.stages, name: done})
     new = dataclasses.replace(state, stages=stages)
-    commands: list[Command] = [Emit("stage.succeeded", event.stage), *submits]
+    commands: list[Command] = [Emit("stage.succeeded", name), *submits]
     if new.status is RunStatus.SUCCEEDED:
         commands.append(Emit("run.succeeded"))
     return Decision(new, tuple(commands))

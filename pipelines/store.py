@@ -25,6 +25,7 @@ from pipelines.state import (
     Decision,
     Emit,
     Event,
+    Mirror,
     RunState,
     StageState,
     StageStatus,
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS runs (
     inputs TEXT NOT NULL,
     status TEXT NOT NULL,
     cancelled INTEGER NOT NULL DEFAULT 0,
+    mirror INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     version INTEGER NOT NULL DEFAULT 0
@@ -55,6 +57,7 @@ CREATE TABLE IF NOT EXISTS stages (
     attempt INTEGER NOT NULL DEFAULT 0,
     task_id TEXT,
     outputs TEXT NOT NULL DEFAULT '[]',
+    mirrored TEXT NOT NULL DEFAULT '[]',
     error TEXT NOT NULL DEFAULT '',
     submitted_at REAL,
     finished_at REAL,
@@ -131,6 +134,7 @@ class StageView:
     attempt: int
     task_id: str | None
     outputs: list[str]
+    mirrored: list[str]
     error: str
     submitted_at: float | None
     finished_at: float | None
@@ -147,7 +151,8 @@ class StageView:
             "status": self.status,
             "attempt": self.attempt,
             "task_id": self.task_id,
-            "outputs": self.outputs,
+            "outputs": self.mirrored or self.outputs,
+            "provider_outputs": self.outputs,
             "error": self.error or None,
             "timings": {
                 "submitted_at": _iso(self.submitted_at),
@@ -196,10 +201,18 @@ class SubmitContext:
     pipeline: specs.Pipeline
     inputs: dict[str, Any]
     stage: StageState
-    upstream: dict[str, list[str]]
+    #: Succeeded upstream stages (their provider outputs and mirrored copies).
+    upstream: dict[str, StageState]
     cancelled: bool
     #: State of an attempt row left by an earlier try of this job, if any.
     previous_attempt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    run_id: str
+    body: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +225,16 @@ class WebhookOutcome:
 class Store:
     """The SQLite backend. ``on_jobs`` is called (on the loop) when new jobs may be due."""
 
-    def __init__(self, database_url: str, *, on_jobs: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        on_jobs: Callable[[], None] | None = None,
+        on_events: Callable[[], None] | None = None,
+    ) -> None:
         self._db = GroupCommitter(_sqlite_path(database_url), schema=SCHEMA)
         self._on_jobs = on_jobs or (lambda: None)
+        self._on_events = on_events or (lambda: None)
         self._pipelines: OrderedDict[str, specs.Pipeline] = OrderedDict()
 
     async def start(self) -> None:
@@ -230,17 +250,22 @@ class Store:
     # runs ---------------------------------------------------------------------------
 
     async def create_run(
-        self, pipeline: specs.Pipeline, inputs: Mapping[str, Any], *, now: float
+        self,
+        pipeline: specs.Pipeline,
+        inputs: Mapping[str, Any],
+        *,
+        now: float,
+        mirror: bool = False,
     ) -> str:
         run_id = f"run_{uuid.uuid4().hex[:20]}"
 
         def op(conn: sqlite3.Connection) -> None:
-            state = initial_state(run_id, pipeline)
+            state = initial_state(run_id, pipeline, mirror=mirror)
             conn.execute(
-                "INSERT INTO runs (id, pipeline, spec, inputs, status, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, pipeline.name, json.dumps(pipeline.source), json.dumps(dict(inputs)),
-                 state.status.value, now, now),
+                 state.status.value, int(mirror), now, now),
             )  # fmt: skip
             conn.executemany(
                 "INSERT INTO stages (run_id, name, model, status) VALUES (?, ?, ?, ?)",
@@ -253,7 +278,7 @@ class Store:
             self._apply(conn, run_id, Start(), now)
 
         await self._db.run(op)
-        self._on_jobs()
+        self._notify()
         return run_id
 
     async def apply(
@@ -266,8 +291,8 @@ class Store:
             return decision
 
         decision = await self._db.run(op)
-        if any(isinstance(c, Submit) for c in decision.commands):
-            self._on_jobs()
+        if decision.changed:
+            self._notify()
         return decision
 
     async def webhook(
@@ -322,8 +347,12 @@ class Store:
 
         outcome = await self._db.run(op)
         if outcome.effect == "applied":
-            self._on_jobs()
+            self._notify()
         return outcome
+
+    def _notify(self) -> None:
+        self._on_jobs()
+        self._on_events()
 
     def _pipeline(self, conn: sqlite3.Connection, run_id: str) -> specs.Pipeline:
         cached = self._pipelines.get(run_id)
@@ -340,7 +369,9 @@ class Store:
         return pipeline
 
     def _load_state(self, conn: sqlite3.Connection, run_id: str) -> tuple[RunState, int]:
-        run = conn.execute("SELECT cancelled, version FROM runs WHERE id = ?", (run_id,)).fetchone()
+        run = conn.execute(
+            "SELECT cancelled, mirror, version FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
         if run is None:
             raise KeyError(run_id)
         stages = {
@@ -349,15 +380,17 @@ class Store:
                 attempt=r["attempt"],
                 task_id=r["task_id"],
                 outputs=tuple(json.loads(r["outputs"])),
+                mirrored=tuple(json.loads(r["mirrored"])),
                 error=r["error"],
             )
             for r in conn.execute(
-                "SELECT name, status, attempt, task_id, outputs, error FROM stages "
+                "SELECT name, status, attempt, task_id, outputs, mirrored, error FROM stages "
                 "WHERE run_id = ?",
                 (run_id,),
             )
         }
-        return RunState(run_id, stages, bool(run["cancelled"])), run["version"]
+        state = RunState(run_id, stages, bool(run["cancelled"]), bool(run["mirror"]))
+        return state, run["version"]
 
     def _apply(self, conn: sqlite3.Connection, run_id: str, event: Event, now: float) -> Decision:
         pipeline = self._pipeline(conn, run_id)
@@ -371,12 +404,14 @@ class Store:
             if stage == old:
                 continue
             conn.execute(
-                "UPDATE stages SET status = ?, attempt = ?, task_id = ?, outputs = ?, error = ?, "
+                "UPDATE stages SET status = ?, attempt = ?, task_id = ?, outputs = ?, "
+                "mirrored = ?, error = ?, "
                 "submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END, "
                 "finished_at = CASE WHEN ? THEN ? ELSE NULL END "
                 "WHERE run_id = ? AND name = ?",
                 (stage.status.value, stage.attempt, stage.task_id, json.dumps(stage.outputs),
-                 stage.error, stage.status is StageStatus.SUBMITTED, now,
+                 json.dumps(stage.mirrored), stage.error,
+                 stage.status is StageStatus.SUBMITTED, now,
                  stage.status.terminal, now, run_id, name),
             )  # fmt: skip
         # Guarded write: a concurrent writer (another replica) makes this match nothing.
@@ -400,11 +435,13 @@ class Store:
         now: float,
     ) -> None:
         for command in commands:
-            if isinstance(command, Submit):
+            if isinstance(command, Submit | Mirror):
+                kind = "submit" if isinstance(command, Submit) else "mirror"
+                not_before = command.not_before if isinstance(command, Submit) else None
                 conn.execute(
                     "INSERT INTO jobs (kind, run_id, stage, attempt, run_after) "
-                    "VALUES ('submit', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (run_id, command.stage, command.attempt, command.not_before or now),
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (kind, run_id, command.stage, command.attempt, not_before or now),
                 )
             elif isinstance(command, Emit):
                 body = event_envelope(pipeline, state, command, now)
@@ -428,9 +465,7 @@ class Store:
                 (job.run_id, job.stage, job.attempt),
             ).fetchone()
             upstream = {
-                name: list(s.outputs)
-                for name, s in state.stages.items()
-                if s.status is StageStatus.SUCCEEDED
+                name: s for name, s in state.stages.items() if s.status is StageStatus.SUCCEEDED
             }
             return SubmitContext(
                 pipeline=pipeline,
@@ -531,6 +566,43 @@ class Store:
 
         return await self._db.run(op)
 
+    async def stage_state(self, run_id: str, stage: str) -> tuple[str, StageState, bool]:
+        """(model, stage state, run cancelled) for a job about to work on ``stage``."""
+
+        def op(conn: sqlite3.Connection) -> tuple[str, StageState, bool]:
+            pipeline = self._pipeline(conn, run_id)
+            state, _ = self._load_state(conn, run_id)
+            return pipeline.stages[stage].model, state.stages[stage], state.cancelled
+
+        return await self._db.run(op)
+
+    # outbox ---------------------------------------------------------------------------
+
+    async def pending_events(self, *, limit: int) -> list[OutboxRow]:
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(
+                "SELECT seq, run_id, body FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+            return [OutboxRow(r["seq"], r["run_id"], json.loads(r["body"])) for r in rows]
+
+        return await self._db.run(op)
+
+    async def mark_sent(self, seqs: Sequence[int], *, now: float) -> None:
+        await self._db.run(
+            lambda conn: conn.executemany(
+                "UPDATE outbox SET sent_at = ?, tries = tries + 1 WHERE seq = ?",
+                [(now, seq) for seq in seqs],
+            )
+        )
+
+    async def mark_failed(self, seqs: Sequence[int]) -> None:
+        await self._db.run(
+            lambda conn: conn.executemany(
+                "UPDATE outbox SET tries = tries + 1 WHERE seq = ?", [(seq,) for seq in seqs]
+            )
+        )
+
     # reads ----------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunView | None:
@@ -583,7 +655,8 @@ def _run_view(conn: sqlite3.Connection, run_id: str) -> RunView | None:
     stages = [
         StageView(
             name=r["name"], model=r["model"], status=r["status"], attempt=r["attempt"],
-            task_id=r["task_id"], outputs=json.loads(r["outputs"]), error=r["error"],
+            task_id=r["task_id"], outputs=json.loads(r["outputs"]),
+            mirrored=json.loads(r["mirrored"]), error=r["error"],
             submitted_at=r["submitted_at"], finished_at=r["finished_at"],
         )
         for r in conn.execute("SELECT * FROM stages WHERE run_id = ? ORDER BY rowid", (run_id,))
@@ -612,7 +685,8 @@ def event_envelope(
         "model": model,
         "task_id": stage.task_id if stage else None,
         "status": stage.status.value if stage else state.status.value,
-        "outputs": list(stage.outputs) if stage else [],
+        "outputs": list(stage.mirrored or stage.outputs) if stage else [],
+        "provider_outputs": list(stage.outputs) if stage else [],
         "error": command.data.get("error"),
     }
 

@@ -9,16 +9,21 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import anyio
+import anyio.to_thread
 import structlog
 from aiohttp import web
 
 from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ConfigError, ProviderError, SpecError
+from pipelines.events import OutboxRelay, SnsPublisher
+from pipelines.mirror import MirrorConfig, S3Mirror
 from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
 from pipelines.state import InvalidTransitionError
 from pipelines.store import Store
 from service import keys
+from service.aws import make_clients
 from service.routes import setup_routes
 from service.settings import DEFAULT_AIMLAPI, DEFAULT_WAVESPEED, Settings
 
@@ -89,7 +94,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         )
         aiml = AimlClient(session, base_url=settings.aimlapi_base_url, api_key=aiml_key)
         engine: Engine | None = None
-        store = Store(settings.database_url, on_jobs=lambda: engine.notify() if engine else None)
+        store = Store(
+            settings.database_url,
+            on_jobs=lambda: engine.notify() if engine else None,
+            on_events=lambda: relay.notify() if (relay := app.get(keys.RELAY)) else None,
+        )
         await store.start()
         try:
             config = EngineConfig(
@@ -97,8 +106,25 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 workers=settings.workers,
                 job_lease_s=settings.job_lease_s,
                 poll_interval_s=settings.poll_interval_s,
+                downstream_urls="provider"
+                if settings.downstream_urls == "provider"
+                else "mirrored",
+                presign_ttl_s=settings.presign_ttl_s,
             )
-            engine = Engine(store, config, wavespeed=wavespeed, aiml=aiml, clock=clock)
+            mirror = None
+            if settings.s3_bucket:
+                mirror_config = MirrorConfig(
+                    bucket=settings.s3_bucket,
+                    prefix=settings.s3_prefix,
+                    allowed_hosts=settings.allowed_hosts(),
+                    max_bytes=settings.mirror_max_bytes,
+                )
+                mirror = S3Mirror(
+                    app[keys.AWS].s3, session, mirror_config, limiter=app[keys.AWS_LIMITER]
+                )
+            engine = Engine(
+                store, config, wavespeed=wavespeed, aiml=aiml, mirror=mirror, clock=clock
+            )
             app[keys.ENGINE] = engine
             app[keys.HEALTH].webhook_secrets = settings.webhook_secrets or (
                 await _fetch_secret(wavespeed),
@@ -106,6 +132,27 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             yield
         finally:
             await store.close()
+
+    async def aws_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Built in a thread: boto3 reads config files and may look up credentials.
+        app[keys.AWS] = await anyio.to_thread.run_sync(make_clients, settings)
+        app[keys.AWS_LIMITER] = anyio.CapacityLimiter(settings.aws_concurrency)
+        yield
+
+    async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not settings.sns_topic_arn:
+            yield
+            return
+        publisher = SnsPublisher(
+            app[keys.AWS].sns, settings.sns_topic_arn, limiter=app[keys.AWS_LIMITER]
+        )
+        relay = OutboxRelay(app[keys.ENGINE].store, publisher, clock=clock)
+        app[keys.RELAY] = relay
+        task = asyncio.create_task(relay.run(), name="outbox-relay")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(app[keys.ENGINE].run_workers(), name="workers")
@@ -120,7 +167,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     async def not_ready(app: web.Application) -> None:
         app[keys.HEALTH].ready = False
 
-    app.cleanup_ctx.extend([http_ctx, engine_ctx, workers_ctx])
+    app.cleanup_ctx.extend([http_ctx, aws_ctx, engine_ctx, relay_ctx, workers_ctx])
     app.on_shutdown.append(not_ready)
     setup_routes(app)
     return app

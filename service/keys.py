@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from anyio import CapacityLimiter
 
 from pipelines.engine import Engine
+from pipelines.events import OutboxRelay
 from pipelines.secrets import Secret
+from service.aws import AwsClients
 from service.settings import Settings
 
 
@@ -24,3 +27,6 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 ENGINE = web.AppKey("engine", Engine)
 HEALTH = web.AppKey("health", Health)
+AWS = web.AppKey("aws", AwsClients)
+AWS_LIMITER = web.AppKey("aws_limiter", CapacityLimiter)
+RELAY = web.AppKey("relay", OutboxRelay)

@@ -33,6 +33,23 @@ class Settings:
     workers: int = 8
     job_lease_s: float = 120.0
     poll_interval_s: float = 0.5
+    #: Mirror target; no bucket means outputs are not copied.
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    #: A local S3/SNS/SQS endpoint (moto); unset means real AWS.
+    aws_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    sns_topic_arn: str | None = None
+    #: Host patterns outputs may be downloaded from; the provider base URLs' hosts are added.
+    mirror_allowed_hosts: tuple[str, ...] = ("*.wavespeed.ai", "*.cloudfront.net", "*.aimlapi.com")
+    mirror_max_bytes: int = 2 * 1024**3
+    downstream_urls: str = "mirrored"
+    presign_ttl_s: int = 6 * 3600
+    aws_concurrency: int = 8
+
+    def allowed_hosts(self) -> tuple[str, ...]:
+        hosts = {urlsplit(u).hostname for u in (self.wavespeed_base_url, self.aimlapi_base_url)}
+        return (*self.mirror_allowed_hosts, *sorted(h for h in hosts if h))
 
     @property
     def base_url(self) -> str:
@@ -48,6 +65,8 @@ class Settings:
         for var, attr, parse in _VARIABLES:
             if env.get(var, "").strip():
                 values[attr] = parse(env, var)
+        if values.get("downstream_urls", "mirrored") not in ("mirrored", "provider"):
+            raise ConfigError("DOWNSTREAM_URLS must be 'mirrored' or 'provider'")
         url = values.get("database_url")
         if url is not None and not str(url).startswith("sqlite:///"):
             raise ConfigError("DATABASE_URL must be sqlite:///PATH in this build")
@@ -67,6 +86,22 @@ def _secrets(env: Mapping[str, str], name: str) -> tuple[Secret, ...]:
 
 def _str(env: Mapping[str, str], name: str) -> str:
     return env[name].strip()
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in env[name].split(",") if p.strip())
+
+
+def _prefix(env: Mapping[str, str], name: str) -> str:
+    value = env[name].strip().lstrip("/")
+    return value if not value or value.endswith("/") else value + "/"
+
+
+def _topic(env: Mapping[str, str], name: str) -> str:
+    value = env[name].strip()
+    if not value.startswith("arn:"):
+        raise ConfigError(f"{name} must be an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)")
+    return value
 
 
 def _ranged(lo: int, hi: int) -> Callable[[Mapping[str, str], str], int]:
@@ -104,4 +139,15 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("WEBHOOK_TOLERANCE_S", "webhook_tolerance_s", _ranged(1, 3600)),
     ("MAX_WEBHOOK_BYTES", "max_webhook_bytes", _ranged(1024, 64 * 1024 * 1024)),
     ("WAVECHAIN_WORKERS", "workers", _ranged(1, 256)),
+    ("S3_BUCKET", "s3_bucket", _str),
+    ("S3_PREFIX", "s3_prefix", _prefix),
+    ("AWS_ENDPOINT_URL", "aws_endpoint_url", _url),
+    ("AWS_DEFAULT_REGION", "aws_region", _str),
+    ("AWS_REGION", "aws_region", _str),
+    ("SNS_TOPIC_ARN", "sns_topic_arn", _topic),
+    ("MIRROR_ALLOWED_HOSTS", "mirror_allowed_hosts", _list),
+    ("MIRROR_MAX_BYTES", "mirror_max_bytes", _ranged(1, 2**40)),
+    ("DOWNSTREAM_URLS", "downstream_urls", _str),
+    ("PRESIGN_TTL_S", "presign_ttl_s", _ranged(60, 7 * 86400)),
+    ("AWS_CONCURRENCY", "aws_concurrency", _ranged(1, 64)),
 )

@@ -16,6 +16,9 @@ from pipelines.state import (
     Emit,
     Event,
     InvalidTransitionError,
+    Mirror,
+    Mirrored,
+    MirrorFailed,
     RunState,
     RunStatus,
     StageStatus,
@@ -318,3 +321,53 @@ def test_random_histories_keep_invariants(history: list[Event]) -> None:
         state = d.state
     assert len(succeeded) == len(set(succeeded))
     assert len(run_events) <= 1
+
+
+def mirrored_run(p: specs.Pipeline) -> RunState:
+    return step(p, initial_state("r1", p, mirror=True), Start()).state
+
+
+def test_mirror_gates_success() -> None:
+    """With mirroring, a completed task waits for its copy before the stage succeeds."""
+    p = pipeline()
+    s = step(p, mirrored_run(p), Submitted("image", 1, "t1")).state
+    d = step(p, s, TaskSucceeded("image", 1, "t1", ("https://cdn/x.png",)))
+    assert d.commands == (Mirror("image", 1),)
+    assert d.state.stages["image"].status is StageStatus.PROCESSING
+    d = step(p, d.state, Mirrored("image", 1, ("s3://b/runs/r1/image/0.png",)))
+    image = d.state.stages["image"]
+    assert image.status is StageStatus.SUCCEEDED and image.mirrored == (
+        "s3://b/runs/r1/image/0.png",
+    )
+    assert image.outputs == ("https://cdn/x.png",)
+    assert sorted(submits(d)) == [("mesh", 1), ("video", 1)] and emits(d) == ["stage.succeeded"]
+
+
+def test_task_news_while_mirroring_is_stale() -> None:
+    """Duplicates or a conflicting 'failed' during the copy change nothing."""
+    p = pipeline()
+    s = step(p, mirrored_run(p), TaskSucceeded("image", 1, "t1", ("u",))).state
+    for event in (
+        TaskSucceeded("image", 1, "t1", ("u",)),
+        TaskFailed("image", 1, "t1", "late"),
+        TaskProcessing("image", 1, "t1"),
+    ):
+        assert not step(p, s, event).changed
+
+
+def test_mirror_failure_fails_stage() -> None:
+    """An output that cannot be copied fails the stage and the run."""
+    p = pipeline()
+    s = step(p, mirrored_run(p), TaskSucceeded("image", 1, "t1", ("u",))).state
+    d = step(p, s, MirrorFailed("image", 1, "host not allowed"))
+    assert d.state.stages["image"].status is StageStatus.FAILED
+    assert d.state.status is RunStatus.FAILED
+
+
+def test_mirror_events_without_pending_copy_are_ignored() -> None:
+    """Mirrored for a stage not awaiting a copy (duplicate job) changes nothing."""
+    p = pipeline()
+    s = step(p, mirrored_run(p), TaskSucceeded("image", 1, "t1", ("u",))).state
+    done = step(p, s, Mirrored("image", 1, ("s3://b/k",))).state
+    assert not step(p, done, Mirrored("image", 1, ("s3://b/k",))).changed
+    assert not step(p, started(p), Mirrored("image", 1, ("s3://b/k",))).changed

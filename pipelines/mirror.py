@@ -1,0 +1,295 @@
+"""Copy provider outputs into our S3 bucket, streaming, before the provider deletes them.
+
+Downloads go through aiohttp in chunks; uploads are S3 multipart in worker threads
+(boto3 is synchronous) under a capacity limiter, so memory stays at about two parts
+whatever the file size. Keys are deterministic, ``{prefix}runs/{run}/{stage}/{n}.{ext}``,
+and an object already there for the same task (with its sha256) is not fetched again.
+
+Errors: ``MirrorRejectedError`` is permanent (forbidden scheme or host, too large, the
+source answers 4xx); anything else (S3 or network trouble, 5xx) is worth retrying.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fnmatch
+import hashlib
+import mimetypes
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import anyio.to_thread
+from anyio import CapacityLimiter
+
+from pipelines.errors import WavechainError
+
+T = TypeVar("T")
+PART_SIZE: Final = 8 * 1024 * 1024
+_READ: Final = 1024 * 1024
+_MAX_REDIRECTS: Final = 3
+EXTENSIONS: Final = {
+    "image/jpeg": "jpeg",
+    "image/png": "png",
+    "image/webp": "webp",
+    "video/mp4": "mp4",
+    "model/gltf-binary": "glb",
+}
+_KNOWN_EXT: Final = {"jpeg", "jpg", "png", "webp", "mp4", "glb", "gltf", "obj", "fbx", "usdz"}
+_TYPES: Final = {v: k for k, v in EXTENSIONS.items()} | {"jpg": "image/jpeg"}
+
+
+class MirrorRejectedError(WavechainError):
+    """This output can never be copied; the stage fails with this message."""
+
+
+@dataclass(frozen=True, slots=True)
+class MirroredObject:
+    uri: str
+    key: str
+    size: int
+    sha256: str
+    content_type: str
+    reused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    bucket: str
+    prefix: str = ""
+    #: Hostname patterns outputs may come from (fnmatch: ``*.cloudfront.net``).
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = 2 * 1024**3
+    part_size: int = PART_SIZE
+
+
+def host_allowed(url: str, patterns: Sequence[str]) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return bool(host) and any(fnmatch.fnmatchcase(host, p.lower()) for p in patterns)
+
+
+class S3Mirror:
+    def __init__(
+        self,
+        s3: Any,
+        session: aiohttp.ClientSession,
+        config: MirrorConfig,
+        *,
+        limiter: CapacityLimiter,
+    ) -> None:
+        self._s3 = s3
+        self._session = session
+        self.config = config
+        self._limiter = limiter
+
+    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        return await anyio.to_thread.run_sync(partial(fn, **kwargs), limiter=self._limiter)
+
+    def key_stem(self, run_id: str, stage: str, n: int) -> str:
+        return f"{self.config.prefix}runs/{run_id}/{stage}/{n}"
+
+    async def copy(self, source: str, *, stem: str, metadata: Mapping[str, str]) -> MirroredObject:
+        """Mirror one output (a URL, or inline base64) to ``{stem}.{ext}``."""
+        if existing := await self._existing(stem, metadata.get("task-id", "")):
+            return existing
+        if not source.startswith(("http://", "https://")):
+            return await self._copy_inline(source, stem=stem, metadata=metadata)
+        return await self._copy_url(source, stem=stem, metadata=metadata)
+
+    async def _existing(self, stem: str, task_id: str) -> MirroredObject | None:
+        """The object a previous run of this job finished, if any (idempotency)."""
+        listing = await self._call(
+            self._s3.list_objects_v2, Bucket=self.config.bucket, Prefix=f"{stem}.", MaxKeys=5
+        )
+        for item in listing.get("Contents", []):
+            head = await self._call(
+                self._s3.head_object, Bucket=self.config.bucket, Key=item["Key"]
+            )
+            meta = head.get("Metadata", {})
+            if task_id and meta.get("task-id") == task_id and meta.get("sha256"):
+                return MirroredObject(
+                    uri=f"s3://{self.config.bucket}/{item['Key']}",
+                    key=item["Key"],
+                    size=int(head["ContentLength"]),
+                    sha256=meta["sha256"],
+                    content_type=head.get("ContentType", "application/octet-stream"),
+                    reused=True,
+                )
+        return None
+
+    async def _copy_inline(
+        self, source: str, *, stem: str, metadata: Mapping[str, str]
+    ) -> MirroredObject:
+        header, _, payload = (
+            source.partition(",") if source.startswith("data:") else ("", "", source)
+        )
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MirrorRejectedError("output is neither an http(s) URL nor base64") from exc
+        if len(data) > self.config.max_bytes:
+            raise MirrorRejectedError(f"inline output larger than {self.config.max_bytes} bytes")
+        content_type = header[5:].split(";")[0] if header else _sniff(data)
+        key = f"{stem}.{EXTENSIONS.get(content_type, 'bin')}"
+        digest = hashlib.sha256(data).hexdigest()
+        await self._call(
+            self._s3.put_object, Bucket=self.config.bucket, Key=key, Body=data,
+            ContentType=content_type, Metadata={**metadata, "sha256": digest},
+        )  # fmt: skip
+        return MirroredObject(
+            f"s3://{self.config.bucket}/{key}", key, len(data), digest, content_type
+        )
+
+    async def _open(self, url: str) -> aiohttp.ClientResponse:
+        """GET with redirects followed by hand, so every hop is checked against the allow-list."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise MirrorRejectedError(f"output URL scheme not allowed: {urlsplit(url).scheme}")
+            if not host_allowed(url, self.config.allowed_hosts):
+                host = urlsplit(url).hostname
+                raise MirrorRejectedError(f"output host {host!r} is not in MIRROR_ALLOWED_HOSTS")
+            resp = await self._session.get(
+                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
+            )
+            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                resp.release()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            return resp
+        raise MirrorRejectedError(f"more than {_MAX_REDIRECTS} redirects")
+
+    async def _copy_url(
+        self, url: str, *, stem: str, metadata: Mapping[str, str]
+    ) -> MirroredObject:
+        resp = await self._open(url)
+        try:
+            if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                raise MirrorRejectedError(f"output download failed: HTTP {resp.status}")
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(
+                    resp.request_info, (), status=resp.status, message="output download failed"
+                )
+            if resp.content_length is not None and resp.content_length > self.config.max_bytes:
+                raise MirrorRejectedError(
+                    f"output is {resp.content_length} bytes, over the {self.config.max_bytes} cap"
+                )
+            content_type = _content_type(url, resp.headers.get("Content-Type", ""))
+            key = f"{stem}.{_extension(url, content_type)}"
+            return await self._stream(resp, key, content_type, metadata)
+        finally:
+            resp.release()
+
+    async def _stream(
+        self,
+        resp: aiohttp.ClientResponse,
+        key: str,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> MirroredObject:
+        bucket, part_size = self.config.bucket, self.config.part_size
+        digest = hashlib.sha256()
+        buffer = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        try:
+            async for chunk in resp.content.iter_chunked(_READ):
+                size += len(chunk)
+                if size > self.config.max_bytes:
+                    raise MirrorRejectedError(
+                        f"output exceeds the {self.config.max_bytes} byte cap"
+                    )
+                digest.update(chunk)
+                buffer += chunk
+                if len(buffer) >= part_size:
+                    if upload_id is None:
+                        started = await self._call(
+                            self._s3.create_multipart_upload, Bucket=bucket, Key=key,
+                            ContentType=content_type, Metadata=dict(metadata),
+                        )  # fmt: skip
+                        upload_id = started["UploadId"]
+                    body, buffer = bytes(buffer), bytearray()
+                    parts.append(await self._part(key, upload_id, len(parts) + 1, body))
+            sha = digest.hexdigest()
+            if upload_id is None:
+                await self._call(
+                    self._s3.put_object, Bucket=bucket, Key=key, Body=bytes(buffer),
+                    ContentType=content_type, Metadata={**metadata, "sha256": sha},
+                )  # fmt: skip
+            else:
+                if buffer:
+                    parts.append(await self._part(key, upload_id, len(parts) + 1, bytes(buffer)))
+                    buffer = bytearray()
+                await self._call(
+                    self._s3.complete_multipart_upload, Bucket=bucket, Key=key,
+                    UploadId=upload_id, MultipartUpload={"Parts": parts},
+                )  # fmt: skip
+                upload_id = None
+                # S3 fixes metadata when an upload starts; the digest is known only now.
+                await self._call(
+                    self._s3.copy_object, Bucket=bucket, Key=key,
+                    CopySource={"Bucket": bucket, "Key": key}, ContentType=content_type,
+                    Metadata={**metadata, "sha256": sha}, MetadataDirective="REPLACE",
+                )  # fmt: skip
+        except BaseException:
+            if upload_id is not None:
+                await self._abort(key, upload_id)
+            raise
+        return MirroredObject(f"s3://{bucket}/{key}", key, size, sha, content_type)
+
+    async def _part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
+        answer = await self._call(
+            self._s3.upload_part, Bucket=self.config.bucket, Key=key, UploadId=upload_id,
+            PartNumber=number, Body=body,
+        )  # fmt: skip
+        return {"ETag": answer["ETag"], "PartNumber": number}
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        # Best effort: a bucket lifecycle rule expires abandoned uploads too.
+        with contextlib.suppress(Exception):
+            await self._call(
+                self._s3.abort_multipart_upload, Bucket=self.config.bucket, Key=key,
+                UploadId=upload_id,
+            )  # fmt: skip
+
+    async def presign(self, uri: str, *, expires_s: int) -> str:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        url: str = await self._call(
+            self._s3.generate_presigned_url, ClientMethod="get_object",
+            Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s,
+        )  # fmt: skip
+        return url
+
+
+def _content_type(url: str, header: str) -> str:
+    declared = header.split(";")[0].strip().lower()
+    if declared and declared not in ("application/octet-stream", "binary/octet-stream"):
+        return declared
+    guessed = _TYPES.get(urlsplit(url).path.rsplit(".", 1)[-1].lower())
+    return guessed or mimetypes.guess_type(urlsplit(url).path)[0] or "application/octet-stream"
+
+
+def _extension(url: str, content_type: str) -> str:
+    suffix = urlsplit(url).path.rsplit(".", 1)[-1].lower() if "." in urlsplit(url).path else ""
+    if suffix in _KNOWN_EXT:
+        return "jpeg" if suffix == "jpg" else suffix
+    return EXTENSIONS.get(content_type, "bin")
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:4] == b"glTF":
+        return "model/gltf-binary"
+    if data[4:8] == b"ftyp":
+        return "video/mp4"
+    return "application/octet-stream"

@@ -1,0 +1,41 @@
+"""boto3 clients, built once per process and shared (clients are thread-safe; sessions not)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from service.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class AwsClients:
+    s3: Any
+    sns: Any
+    sqs: Any
+
+
+def make_clients(settings: Settings) -> AwsClients:
+    session = boto3.session.Session(region_name=settings.aws_region)
+    config = Config(
+        max_pool_connections=max(10, settings.aws_concurrency * 2),
+        connect_timeout=3,
+        read_timeout=60,
+        # Our jobs retry with their own backoff; botocore only smooths over blips.
+        retries={"max_attempts": 2, "mode": "standard"},
+        signature_version="s3v4",
+    )
+    kwargs: dict[str, Any] = {"config": config}
+    if settings.aws_endpoint_url:
+        kwargs["endpoint_url"] = settings.aws_endpoint_url
+        if session.get_credentials() is None:
+            # A local endpoint (moto) accepts any credentials; real AWS never gets these.
+            kwargs |= {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+    return AwsClients(
+        s3=session.client("s3", **kwargs),
+        sns=session.client("sns", **kwargs),
+        sqs=session.client("sqs", **kwargs),
+    )
