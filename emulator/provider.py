@@ -46,6 +46,8 @@ class Task:
     error: str = ""
     inference_ms: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Media paths of this task's outputs; their TTL starts when the task completes.
+    paths: list[str] = field(default_factory=list)
 
     def prediction(self, *, with_input: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -103,6 +105,10 @@ class MediaStore:
         while self._bytes > self._max and len(self._files) > 1:
             _, old = self._files.popitem(last=False)
             self._bytes -= len(old.data)
+
+    def expire(self, path: str, at: float) -> None:
+        if (stored := self._files.get(path)) is not None:
+            stored.expires_at = at
 
     def get(self, path: str, now: float) -> StoredFile | None:
         stored = self._files.get(path)
@@ -209,10 +215,17 @@ class Provider:
         except TaskFailure as failure:
             task.status, task.error = "failed", str(failure)
             self.stats["tasks_failed"] += 1
+        except Exception as exc:  # a real provider reports its own crashes as failed tasks
+            task.status, task.error = "failed", f"5000: internal error: {type(exc).__name__}"
+            self.stats["tasks_failed"] += 1
         else:
             task.outputs = outputs
             task.status = "completed"
             self.stats["tasks_completed"] += 1
+            if self.faults.output_ttl_s is not None:
+                expires = time.monotonic() + self.faults.output_ttl_s
+                for path in task.paths:
+                    self.media.expire(path, expires)
         task.inference_ms = int((time.monotonic() - started) * 1000)
         task.done.set()
         if task.webhook is not None:
@@ -238,22 +251,29 @@ class Provider:
             data = await anyio.to_thread.run_sync(media.render_image, width, height, fmt, material)
             if params.get("enable_base64_output"):
                 return [base64.b64encode(data).decode()]
-            return [self.store_output(task.origin, f"{task.id}/0", fmt, data)]
+            return [self._task_output(task, fmt, data)]
         if rules.kind == "video":
             width, height = output_size(params, "1280*720")
             duration = int(params.get("duration", 5))
             data = await anyio.to_thread.run_sync(
                 media.render_video, width, height, duration, material, source
             )
-            padded = self.faults.large_output_bytes
-            return [self.store_output(task.origin, f"{task.id}/0", "mp4", data, padded_to=padded)]
+            return [self._task_output(task, "mp4", data, padded_to=self.faults.large_output_bytes)]
         texture = await anyio.to_thread.run_sync(media.as_texture, source) if source else None
         data = await anyio.to_thread.run_sync(media.render_mesh, material, texture)
-        return [self.store_output(task.origin, f"{task.id}/0", "glb", data)]
+        return [self._task_output(task, "glb", data)]
+
+    def _task_output(
+        self, task: Task, fmt: str, data: bytes, *, padded_to: int | None = None
+    ) -> str:
+        url = self.store_output(task.origin, f"{task.id}/0", fmt, data, padded_to=padded_to)
+        task.paths.append(f"{task.id}/0.{media.EXTENSIONS[fmt]}")
+        return url
 
     def store_output(
         self, origin: str, stem: str, fmt: str, data: bytes, *, padded_to: int | None = None
     ) -> str:
+        # Task outputs get their expiry when the task completes; synchronous ones now.
         ttl = self.faults.output_ttl_s
         path = f"{stem}.{media.EXTENSIONS[fmt]}"
         stored = StoredFile(
@@ -271,7 +291,11 @@ class Provider:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 if resp.status != 200:
                     raise TaskFailure(f"1402: input media URL not fetchable: HTTP {resp.status}")
-                body = await resp.content.read(MAX_INPUT_IMAGE_BYTES + 1)
+                body = b""
+                async for chunk in resp.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > MAX_INPUT_IMAGE_BYTES:
+                        break
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TaskFailure(f"1402: input media URL not fetchable: {type(exc).__name__}") from exc
         if len(body) > MAX_INPUT_IMAGE_BYTES:

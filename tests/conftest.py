@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from pytest_aiohttp import AiohttpServer
 
 from emulator.app import create_emulator_app
 from emulator.faults import Faults
+from tests.support.aws import AwsSandbox, moto_server, sandbox
 
 TEST_SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXdhdmVjaGFpbg=="
 API_KEY = "test-key"
@@ -91,3 +92,16 @@ async def make_emulator(aiohttp_server: AiohttpServer) -> AsyncIterator[Emulator
 @pytest.fixture
 async def emulator(make_emulator: EmulatorFactory) -> Emulator:
     return await make_emulator()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One local S3/SNS/SQS endpoint (a moto server process) for the session."""
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def aws(moto_endpoint: str) -> AwsSandbox:
+    """A fresh bucket, topic and subscribed queue for one test."""
+    return sandbox(moto_endpoint)
