@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -21,11 +22,13 @@ def peak_rss_mib(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-def run_clip(api: str) -> dict:
-    spec = {
+def run_clip(api: str) -> dict[str, Any]:
+    spec: Any = {
         "stages": {"clip": {"model": "wavespeed-ai/hunyuan-video/t2v", "input": {"prompt": "x"}}}
     }
-    run = requests.post(f"{api}/v1/runs", json={"pipeline": spec}, timeout=10).json()
+    run: dict[str, Any] = requests.post(
+        f"{api}/v1/runs", json={"pipeline": spec}, timeout=10
+    ).json()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         run = requests.get(f"{api}/v1/runs/{run['id']}", timeout=10).json()
