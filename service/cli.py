@@ -19,10 +19,12 @@ from aiohttp import web
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
 from service.app import create_app
+from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
 from service.demo import run_demo
 from service.logging import configure_logging
 from service.settings import Settings
+from service.tail import Tail, filter_policy, tail
 
 log = structlog.get_logger("wavechain.cli")
 
@@ -121,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check pipeline files without submitting anything")
     p.add_argument("files", nargs="+")
 
+    p = sub.add_parser("events", help="lifecycle events on the SNS topic")
+    events = p.add_subparsers(dest="events_command", required=True)
+    p = events.add_parser(
+        "tail",
+        help="subscribe a fresh SQS queue to $SNS_TOPIC_ARN and print events as they arrive",
+    )
+    p.add_argument("--topic-arn", help="default $SNS_TOPIC_ARN")
+    p.add_argument(
+        "--filter", action="append", default=[], metavar="NAME=V1,V2",
+        help="SNS filter policy on an attribute (event_type, pipeline, run_id, stage, model, "
+        "status), e.g. --filter event_type=stage.succeeded,run.failed",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print each event's JSON")
+    p.add_argument("--max", type=int, help="stop after this many events")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+
     p = sub.add_parser("demo", help="emulator + receiver on free ports, one pipeline end to end")
     p.add_argument("--pipeline", default="image_video_3d")
     p.add_argument("--set", type=_set, action="append", default=[], metavar="NAME=VALUE")
@@ -192,6 +210,24 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def _events_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = Settings.from_env(env)
+    topic = args.topic_arn or settings.sns_topic_arn
+    if not topic:
+        raise ConfigError("no topic: pass --topic-arn or set SNS_TOPIC_ARN")
+    policy = filter_policy(args.filter)
+    aws = make_clients(settings)
+    subscription = Tail(aws.sns, aws.sqs, topic, policy)
+    try:
+        tail(subscription, sys.stdout, as_json=args.json, max_events=args.max,
+             timeout_s=args.timeout)  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    finally:
+        subscription.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
@@ -203,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args.files)
         if args.command == "serve":
             return _serve(args, env)
+        if args.command == "events":
+            return _events_tail(args, env)
         if args.command == "demo":
             configure_logging(json=args.log_json, level="WARNING")
             result = asyncio.run(run_demo(args.pipeline, dict(args.set), latency_s=args.latency))

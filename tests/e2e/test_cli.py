@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from tests.support.aws import sandbox
 from tests.support.procs import free_port, wavechain
 
 SECRET = "whsec_ZTJlLXNlY3JldC1rZXk="
@@ -125,10 +128,46 @@ def test_demo_completes_without_polling() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "image_video_3d): succeeded" in proc.stdout
     assert "0 result polls" in proc.stdout and "3 signed webhooks" in proc.stdout
-    for ext in (".png", ".mp4", ".glb"):
-        assert ext in proc.stdout
+    for line in ("/image/0.png", "/video/0.mp4", "/mesh/0.glb", "image/png", "video/mp4",
+                 "model/gltf-binary", "s3://wavechain-demo/runs/"):  # fmt: skip
+        assert line in proc.stdout
+    events = proc.stdout.split("events received by a queue", 1)[1]
+    for kind in ("run.started", "stage.submitted", "stage.succeeded", "run.succeeded"):
+        assert kind in events
+    assert events.count("stage.succeeded") == 3
 
 
 def test_emulator_serves_faults_endpoint(stack: str) -> None:
     """Sanity: the stack's API answers readiness."""
     assert requests.get(f"{stack}/readyz", timeout=5).json() == {"ready": True}
+
+
+def test_events_tail_filters_and_cleans_up(moto_endpoint: str) -> None:
+    """`events tail --filter` prints only matching events, then removes its queue."""
+    aws = sandbox(moto_endpoint)
+    env = {"SNS_TOPIC_ARN": aws.topic_arn, "AWS_ENDPOINT_URL": moto_endpoint,
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # fmt: skip
+    before = len(aws.sns.list_subscriptions_by_topic(TopicArn=aws.topic_arn)["Subscriptions"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "events", "tail", "--json", "--max", "1",
+         "--timeout", "30", "--filter", "event_type=run.succeeded"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while (
+        len(aws.sns.list_subscriptions_by_topic(TopicArn=aws.topic_arn)["Subscriptions"]) == before
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+        time.sleep(0.1)
+    for kind in ("run.started", "run.succeeded"):
+        body = {"version": 1, "id": kind, "type": kind, "run_id": "r1", "status": "x", "time": "t"}
+        aws.sns.publish(
+            TopicArn=aws.topic_arn, Message=json.dumps(body),
+            MessageAttributes={"event_type": {"DataType": "String", "StringValue": kind}},
+        )  # fmt: skip
+    out, err = proc.communicate(timeout=40)
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["run.succeeded"]
+    after = aws.sns.list_subscriptions_by_topic(TopicArn=aws.topic_arn)["Subscriptions"]
+    assert len(after) == before
+    assert not [q for q in aws.sqs.list_queues().get("QueueUrls", []) if "wavechain-tail-" in q]
