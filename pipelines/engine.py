@@ -77,6 +77,9 @@ class Engine:
         self._new_token = new_token
         self._wake = asyncio.Event()
         self._busy = 0
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def notify(self) -> None:
         """New jobs may be due (called by the store after a commit that added some)."""
@@ -120,7 +123,7 @@ class Engine:
     async def run_workers(self) -> None:
         """Claim and carry out jobs until cancelled."""
         async with asyncio.TaskGroup() as group:
-            while True:
+            while not self._stopping:
                 self._wake.clear()
                 free = self.config.workers - self._busy
                 jobs: list[Job] = []
@@ -130,13 +133,31 @@ class Engine:
                     )
                 for job in jobs:
                     self._busy += 1
+                    self._idle.clear()
                     group.create_task(self._handle(job))
                 if free > 0 and len(jobs) == free:
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
 
+    async def stop(self, grace_s: float) -> bool:
+        """Take no new jobs; wait up to ``grace_s`` for running ones. True if all finished."""
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _heartbeat(self, job: Job) -> None:
+        """Keep the lease while the job runs, so a short lease still covers a long job."""
+        while True:
+            await asyncio.sleep(self.config.job_lease_s / 3)
+            await self.store.renew_lease(job, until=self._clock() + self.config.job_lease_s)
+
     async def _handle(self, job: Job) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(job))
         with structlog.contextvars.bound_contextvars(
             run_id=job.run_id, stage=job.stage, attempt=job.attempt, job=job.kind
         ):
@@ -154,7 +175,10 @@ class Engine:
                 delay = min(60.0, self.config.submit_backoff_s * 2**job.tries)
                 await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
             finally:
+                heartbeat.cancel()
                 self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
                 self._wake.set()
 
     async def _submit(self, job: Job) -> None:
@@ -167,7 +191,7 @@ class Engine:
             # An earlier try may have reached the provider and created (and charged) a
             # task. Never send again blindly: the signed callback on that attempt's token,
             # or reconciliation, settles it.
-            await self.store.set_attempt_state(job, "unknown", drop_job=True)
+            await self.store.set_attempt_state(job, "unknown", drop_job=True, now=self._clock())
             log.warning("stage.submit_outcome_unknown")
             return
         spec = ctx.pipeline.stages[job.stage]
@@ -206,7 +230,7 @@ class Engine:
             await self.store.set_attempt_state(job, "rejected", drop_job=False)
             await self._reject(job, str(exc))
         except SubmitOutcomeUnknownError as exc:
-            await self.store.set_attempt_state(job, "unknown", drop_job=True)
+            await self.store.set_attempt_state(job, "unknown", drop_job=True, now=self._clock())
             log.warning("stage.submit_outcome_unknown", error=str(exc))
 
     async def _submit_aiml(self, job: Job, token: str, model: str, body: dict[str, Any]) -> None:

@@ -61,8 +61,12 @@ CREATE TABLE IF NOT EXISTS stages (
     error TEXT NOT NULL DEFAULT '',
     submitted_at REAL,
     finished_at REAL,
+    -- Reconciliation: when to ask the provider if no callback came, and when to give up.
+    deadline REAL,
+    hard_deadline REAL,
     PRIMARY KEY (run_id, name)
 );
+CREATE INDEX IF NOT EXISTS stages_due ON stages (deadline) WHERE deadline IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     token_hash TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -209,6 +213,16 @@ class SubmitContext:
 
 
 @dataclass(frozen=True, slots=True)
+class DueStage:
+    run_id: str
+    stage: str
+    attempt: int
+    task_id: str | None
+    status: str
+    hard_deadline: float
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxRow:
     seq: int
     run_id: str
@@ -231,7 +245,11 @@ class Store:
         *,
         on_jobs: Callable[[], None] | None = None,
         on_events: Callable[[], None] | None = None,
+        callback_timeout_s: float = 600.0,
+        hard_timeout_factor: float = 4.0,
     ) -> None:
+        self.callback_timeout_s = callback_timeout_s
+        self.hard_timeout_factor = hard_timeout_factor
         self._db = GroupCommitter(_sqlite_path(database_url), schema=SCHEMA)
         self._on_jobs = on_jobs or (lambda: None)
         self._on_events = on_events or (lambda: None)
@@ -414,6 +432,7 @@ class Store:
                  stage.status is StageStatus.SUBMITTED, now,
                  stage.status.terminal, now, run_id, name),
             )  # fmt: skip
+            self._set_deadline(conn, pipeline, run_id, name, old, stage, now)
         # Guarded write: a concurrent writer (another replica) makes this match nothing.
         updated = conn.execute(
             "UPDATE runs SET status = ?, cancelled = ?, updated_at = ?, version = version + 1 "
@@ -424,6 +443,30 @@ class Store:
             raise ConcurrentUpdateError(run_id)
         self._write_commands(conn, pipeline, run_id, after, decision.commands, now)
         return decision
+
+    def _set_deadline(
+        self,
+        conn: sqlite3.Connection,
+        pipeline: specs.Pipeline,
+        run_id: str,
+        name: str,
+        old: StageState,
+        new: StageState,
+        now: float,
+    ) -> None:
+        """A submitted stage must hear back by its deadline, or the sweeper asks."""
+        if new.status is StageStatus.SUBMITTED and old.status is not StageStatus.SUBMITTED:
+            wait = pipeline.stages[name].timeout_s or self.callback_timeout_s
+            conn.execute(
+                "UPDATE stages SET deadline = ?, hard_deadline = ? WHERE run_id = ? AND name = ?",
+                (now + wait, now + wait * self.hard_timeout_factor, run_id, name),
+            )
+        elif new.status.terminal or new.awaiting_mirror or new.status is StageStatus.PENDING:
+            conn.execute(
+                "UPDATE stages SET deadline = NULL, hard_deadline = NULL "
+                "WHERE run_id = ? AND name = ?",
+                (run_id, name),
+            )
 
     def _write_commands(
         self,
@@ -508,8 +551,20 @@ class Store:
         self._on_jobs()
         return decision
 
-    async def set_attempt_state(self, job: Job, state: str, *, drop_job: bool) -> None:
+    async def set_attempt_state(
+        self, job: Job, state: str, *, drop_job: bool, now: float | None = None
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            if state == "unknown" and now is not None:
+                # No task id to ask about: wait for the signed callback, then give up.
+                pipeline = self._pipeline(conn, job.run_id)
+                wait = pipeline.stages[job.stage].timeout_s or self.callback_timeout_s
+                hard = now + wait * self.hard_timeout_factor
+                conn.execute(
+                    "UPDATE stages SET deadline = ?, hard_deadline = ? "
+                    "WHERE run_id = ? AND name = ? AND attempt = ?",
+                    (hard, hard, job.run_id, job.stage, job.attempt),
+                )
             if state == "forget":
                 conn.execute(
                     "DELETE FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
@@ -575,6 +630,45 @@ class Store:
             return pipeline.stages[stage].model, state.stages[stage], state.cancelled
 
         return await self._db.run(op)
+
+    # reconciliation -------------------------------------------------------------------
+
+    async def claim_due_stages(self, *, now: float, limit: int, lease_s: float) -> list[DueStage]:
+        """Stages silent past their deadline; each is pushed ``lease_s`` ahead as a claim."""
+
+        def op(conn: sqlite3.Connection) -> list[DueStage]:
+            rows = conn.execute(
+                "SELECT run_id, name, attempt, task_id, status, hard_deadline FROM stages "
+                "WHERE deadline IS NOT NULL AND deadline <= ? ORDER BY deadline LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE stages SET deadline = ? WHERE run_id = ? AND name = ?",
+                [(now + lease_s, r["run_id"], r["name"]) for r in rows],
+            )
+            return [
+                DueStage(r["run_id"], r["name"], r["attempt"], r["task_id"], r["status"],
+                         r["hard_deadline"] or now)
+                for r in rows
+            ]  # fmt: skip
+
+        return await self._db.run(op)
+
+    async def extend_deadline(self, run_id: str, stage: str, attempt: int, at: float) -> None:
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE stages SET deadline = MIN(?, hard_deadline) "
+                "WHERE run_id = ? AND name = ? AND attempt = ? AND deadline IS NOT NULL",
+                (at, run_id, stage, attempt),
+            )
+        )
+
+    async def renew_lease(self, job: Job, *, until: float) -> None:
+        await self._db.run(
+            lambda conn: conn.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ?", (until, job.id)
+            )
+        )
 
     # outbox ---------------------------------------------------------------------------
 

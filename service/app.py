@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
 from pipelines.state import InvalidTransitionError
 from pipelines.store import Store
+from pipelines.sweeper import Sweeper, SweeperConfig
 from service import keys
 from service.aws import make_clients
 from service.routes import setup_routes
@@ -57,6 +59,21 @@ async def context_and_errors(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+def require_token(token: Secret | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The REST API needs ``Authorization: Bearer <token>`` when one is configured."""
+    expected = f"Bearer {token.reveal()}".encode() if token else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):
+                return web.json_response({"error": "missing or wrong API token"}, status=401)
+        return await handler(request)
+
+    return middleware
+
+
 def _provider_key(key: Secret | None, base_url: str, default: str, name: str) -> Secret:
     if key is not None:
         return key
@@ -69,7 +86,7 @@ def _provider_key(key: Secret | None, base_url: str, default: str, name: str) ->
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(middlewares=[context_and_errors])
+    app = web.Application(middlewares=[context_and_errors, require_token(settings.api_token)])
     app[keys.SETTINGS] = settings
     app[keys.CLOCK] = clock
     app[keys.HEALTH] = keys.Health()
@@ -98,6 +115,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             settings.database_url,
             on_jobs=lambda: engine.notify() if engine else None,
             on_events=lambda: relay.notify() if (relay := app.get(keys.RELAY)) else None,
+            callback_timeout_s=settings.callback_timeout_s,
+            hard_timeout_factor=settings.hard_timeout_factor,
         )
         await store.start()
         try:
@@ -125,6 +144,12 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             engine = Engine(
                 store, config, wavespeed=wavespeed, aiml=aiml, mirror=mirror, clock=clock
             )
+            sweeper_config = SweeperConfig(
+                interval_s=settings.reconcile_interval_s,
+                extend_s=max(1.0, settings.callback_timeout_s / 4),
+                claim_s=max(5.0, settings.reconcile_interval_s * 2),
+            )
+            app[keys.SWEEPER] = Sweeper(store, wavespeed, sweeper_config, clock=clock)
             app[keys.ENGINE] = engine
             app[keys.HEALTH].webhook_secrets = settings.webhook_secrets or (
                 await _fetch_secret(wavespeed),
@@ -160,6 +185,17 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         log.info("service.ready", base_url=settings.base_url, workers=settings.workers)
         yield
         app[keys.HEALTH].ready = False
+        # Graceful: no new jobs; running ones get the grace period, then are cancelled.
+        # A cancelled job keeps its lease row and is taken again after a restart.
+        finished = await app[keys.ENGINE].stop(settings.shutdown_grace_s)
+        log.info("workers.stopped", drained=finished)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(app[keys.SWEEPER].run(), name="sweeper")
+        yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -167,7 +203,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     async def not_ready(app: web.Application) -> None:
         app[keys.HEALTH].ready = False
 
-    app.cleanup_ctx.extend([http_ctx, aws_ctx, engine_ctx, relay_ctx, workers_ctx])
+    app.cleanup_ctx.extend([http_ctx, aws_ctx, engine_ctx, relay_ctx, sweeper_ctx, workers_ctx])
     app.on_shutdown.append(not_ready)
     setup_routes(app)
     return app

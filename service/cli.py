@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
+from service import keys
 from service.app import create_app
 from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
@@ -170,7 +172,9 @@ def _pipeline_arg(value: str) -> Any:
 
 async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     base = args.server or env.get("WAVECHAIN_URL") or "http://127.0.0.1:8000"
-    async with aiohttp.ClientSession() as session:
+    token = env.get("WAVECHAIN_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
         client = ApiClient(session, base)
         if args.command == "run":
             run = await client.create_run(_pipeline_arg(args.pipeline), dict(args.set))
@@ -204,10 +208,34 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         settings = settings.replace(host=args.host)
     if args.port is not None:
         settings = settings.replace(port=args.port)
-    app = create_app(settings)
     log.info("service.starting", host=settings.host, port=settings.port)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    asyncio.run(serve_until_signal(settings))
     return 0
+
+
+async def serve_until_signal(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    Readiness turns false first and stays so for ``drain_delay_s`` (the ingress stops
+    sending), then the listener closes, in-flight requests get ``shutdown_grace_s``,
+    and workers finish their jobs within the same grace before the process exits.
+    """
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_grace_s
+    )
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    app[keys.HEALTH].ready = False
+    log.info("service.draining", delay_s=settings.drain_delay_s)
+    await asyncio.sleep(settings.drain_delay_s)
+    await runner.cleanup()
+    log.info("service.stopped")
 
 
 def _events_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:

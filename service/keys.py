@@ -12,6 +12,7 @@ from anyio import CapacityLimiter
 from pipelines.engine import Engine
 from pipelines.events import OutboxRelay
 from pipelines.secrets import Secret
+from pipelines.sweeper import Sweeper
 from service.aws import AwsClients
 from service.settings import Settings
 
@@ -30,3 +31,4 @@ HEALTH = web.AppKey("health", Health)
 AWS = web.AppKey("aws", AwsClients)
 AWS_LIMITER = web.AppKey("aws_limiter", CapacityLimiter)
 RELAY = web.AppKey("relay", OutboxRelay)
+SWEEPER = web.AppKey("sweeper", Sweeper)

@@ -31,8 +31,20 @@ class Settings:
     webhook_tolerance_s: int = 300
     max_webhook_bytes: int = 1024 * 1024
     workers: int = 8
-    job_lease_s: float = 120.0
+    #: Renewed by a heartbeat while a job runs; a dead worker's jobs return after this.
+    job_lease_s: float = 30.0
     poll_interval_s: float = 0.5
+    #: Wait this long for a callback before asking the provider (a stage's timeout wins).
+    callback_timeout_s: float = 600.0
+    #: A task still running after timeout times this factor times out.
+    hard_timeout_factor: float = 4.0
+    reconcile_interval_s: float = 5.0
+    #: Required as a Bearer token on /v1/* when set (not on webhooks or health).
+    api_token: Secret | None = None
+    #: On SIGTERM: how long in-flight requests and jobs get to finish.
+    shutdown_grace_s: float = 20.0
+    #: On SIGTERM: how long /readyz answers 503 before the listener closes.
+    drain_delay_s: float = 2.0
     #: Mirror target; no bucket means outputs are not copied.
     s3_bucket: str | None = None
     s3_prefix: str = ""
@@ -150,4 +162,10 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("DOWNSTREAM_URLS", "downstream_urls", _str),
     ("PRESIGN_TTL_S", "presign_ttl_s", _ranged(60, 7 * 86400)),
     ("AWS_CONCURRENCY", "aws_concurrency", _ranged(1, 64)),
+    ("CALLBACK_TIMEOUT_S", "callback_timeout_s", _ranged(1, 7 * 86400)),
+    ("RECONCILE_INTERVAL_S", "reconcile_interval_s", _ranged(1, 3600)),
+    ("JOB_LEASE_S", "job_lease_s", _ranged(1, 3600)),
+    ("WAVECHAIN_API_TOKEN", "api_token", _secret),
+    ("SHUTDOWN_GRACE_S", "shutdown_grace_s", _ranged(0, 600)),
+    ("DRAIN_DELAY_S", "drain_delay_s", _ranged(0, 120)),
 )

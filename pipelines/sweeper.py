@@ -1,0 +1,104 @@
+"""Reconciliation: the safety net under webhooks, never the main path.
+
+A stage silent past its callback deadline is asked about once
+(``GET /api/v3/predictions/{id}/result``). A finished task is applied through the same
+idempotent transition as a webhook, so a webhook and the sweeper racing on one task
+make one transition. A task still running pushes the deadline out, up to the hard
+limit; past it the stage times out and its retry policy decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from pipelines.engine import result_event
+from pipelines.errors import ProviderError
+from pipelines.providers import WaveSpeedClient
+from pipelines.state import Event, TaskFailed, TaskProcessing
+from pipelines.store import DueStage, Store
+
+log = structlog.get_logger("wavechain.sweeper")
+
+
+@dataclass(frozen=True, slots=True)
+class SweeperConfig:
+    interval_s: float = 5.0
+    #: How far a running task's deadline moves each time it is found still running.
+    extend_s: float = 60.0
+    #: How long a claimed stage is hidden from other sweepers while it is asked about.
+    claim_s: float = 30.0
+    batch: int = 50
+
+
+class Sweeper:
+    def __init__(
+        self,
+        store: Store,
+        wavespeed: WaveSpeedClient,
+        config: SweeperConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._wavespeed = wavespeed
+        self.config = config
+        self._clock = clock
+        self.polls = 0
+        self.applied = 0
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.sweep_once()
+            await asyncio.sleep(self.config.interval_s)
+
+    async def sweep_once(self) -> int:
+        due = await self._store.claim_due_stages(
+            now=self._clock(), limit=self.config.batch, lease_s=self.config.claim_s
+        )
+        await asyncio.gather(*(self._reconcile(stage) for stage in due))
+        return len(due)
+
+    async def _reconcile(self, due: DueStage) -> None:
+        with structlog.contextvars.bound_contextvars(
+            run_id=due.run_id, stage=due.stage, attempt=due.attempt, task_id=due.task_id
+        ):
+            now = self._clock()
+            if due.task_id is None or due.task_id.startswith("aiml_"):
+                # Nothing to ask the provider about: the lost submit's callback never came.
+                if now >= due.hard_deadline:
+                    await self._time_out(due, "no callback and no task id (submit answer lost)")
+                return
+            try:
+                self.polls += 1
+                prediction = await self._wavespeed.get_result(due.task_id)
+            except ProviderError as exc:
+                log.warning("reconcile.poll_failed", error=str(exc))
+                if now >= due.hard_deadline:
+                    await self._time_out(due, f"timed out; last poll failed: {exc}")
+                return  # the claim expires and the stage is asked about again
+            event: Event = result_event(due.stage, due.attempt, prediction)
+            if isinstance(event, TaskProcessing):
+                if now >= due.hard_deadline:
+                    await self._time_out(due, f"timed out: task still {prediction.status}")
+                    return
+                await self._store.apply(due.run_id, event, now=now)
+                await self._store.extend_deadline(
+                    due.run_id, due.stage, due.attempt, now + self.config.extend_s
+                )
+                log.info("reconcile.still_running", task_status=prediction.status)
+                return
+            decision = await self._store.apply(due.run_id, event, now=now)
+            self.applied += int(decision.changed)
+            log.info("reconcile.applied", task_status=prediction.status, changed=decision.changed)
+
+    async def _time_out(self, due: DueStage, error: str) -> None:
+        event = TaskFailed(due.stage, due.attempt, due.task_id or "", error, retryable=True)
+        await self._store.apply(due.run_id, event, now=self._clock())
+        log.warning("reconcile.timed_out", error=error)
