@@ -444,6 +444,16 @@ class Store:
         self._write_commands(conn, pipeline, run_id, after, decision.commands, now)
         return decision
 
+    def _deadlines(self, pipeline: specs.Pipeline, name: str) -> tuple[float, float]:
+        """(silence before asking the provider, total time the task may take).
+
+        A stage's ``timeout`` is its total; without one it is the callback wait times
+        the hard-timeout factor.
+        """
+        timeout = pipeline.stages[name].timeout_s
+        wait = min(self.callback_timeout_s, timeout) if timeout else self.callback_timeout_s
+        return wait, timeout or wait * self.hard_timeout_factor
+
     def _set_deadline(
         self,
         conn: sqlite3.Connection,
@@ -456,10 +466,10 @@ class Store:
     ) -> None:
         """A submitted stage must hear back by its deadline, or the sweeper asks."""
         if new.status is StageStatus.SUBMITTED and old.status is not StageStatus.SUBMITTED:
-            wait = pipeline.stages[name].timeout_s or self.callback_timeout_s
+            wait, limit = self._deadlines(pipeline, name)
             conn.execute(
                 "UPDATE stages SET deadline = ?, hard_deadline = ? WHERE run_id = ? AND name = ?",
-                (now + wait, now + wait * self.hard_timeout_factor, run_id, name),
+                (now + wait, now + limit, run_id, name),
             )
         elif new.status.terminal or new.awaiting_mirror or new.status is StageStatus.PENDING:
             conn.execute(
@@ -557,9 +567,8 @@ class Store:
         def op(conn: sqlite3.Connection) -> None:
             if state == "unknown" and now is not None:
                 # No task id to ask about: wait for the signed callback, then give up.
-                pipeline = self._pipeline(conn, job.run_id)
-                wait = pipeline.stages[job.stage].timeout_s or self.callback_timeout_s
-                hard = now + wait * self.hard_timeout_factor
+                _, limit = self._deadlines(self._pipeline(conn, job.run_id), job.stage)
+                hard = now + limit
                 conn.execute(
                     "UPDATE stages SET deadline = ?, hard_deadline = ? "
                     "WHERE run_id = ? AND name = ? AND attempt = ?",

@@ -10,7 +10,6 @@ limit; past it the stage times out and its retry policy decides.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,8 +53,10 @@ class Sweeper:
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.sweep_once()
+            except Exception:  # the store or provider hiccuped: log, and try next round
+                log.exception("reconcile.sweep_failed")
             await asyncio.sleep(self.config.interval_s)
 
     async def sweep_once(self) -> int:

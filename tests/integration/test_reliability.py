@@ -1,0 +1,106 @@
+"""Lost callbacks, time-outs, late callbacks, and the API token, over real servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from service import keys
+from tests.conftest import EmulatorFactory
+from tests.integration.conftest import WavechainFactory
+
+T2V = "wavespeed-ai/hunyuan-video/t2v"
+FAST_RECONCILE = {"callback_timeout_s": 0.3, "reconcile_interval_s": 0.1}
+
+
+async def test_dropped_deliveries_complete_by_reconciliation(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """Half the webhooks never arrive; every run still completes, by asking the provider."""
+    emulator = await make_emulator(drop_rate=0.5, rng_seed=11, latency_s=0.05)
+    wc = await make_wavechain(emulator, **FAST_RECONCILE)
+    ids = [(await wc.create_run("image_video_3d"))["id"] for _ in range(8)]
+    for run_id in ids:
+        assert (await wc.wait(run_id, limit_s=60))["status"] == "succeeded"
+    counters = await emulator.counters()
+    sweeper = wc.app[keys.SWEEPER]
+    dropped = counters["webhooks_dropped"]
+    print(f"\n24 stages, {dropped} webhooks dropped, {counters.get('result_polls', 0)} result polls, "
+          f"{sweeper.applied} results applied by reconciliation")  # fmt: skip
+    assert dropped > 0 and sweeper.applied == dropped
+    assert counters["result_polls"] == sweeper.polls
+    # Only silent stages were asked about: polls are bounded by the dropped webhooks.
+    assert sweeper.polls <= 3 * dropped
+    store = wc.app[keys.ENGINE].store
+    for run_id in ids:
+        types = Counter(e["type"] for e in await store.outbox(run_id))
+        assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1
+
+
+async def test_no_polls_when_callbacks_arrive(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """With every webhook delivered, the sweeper asks nothing even with short deadlines."""
+    emulator = await make_emulator(latency_s=0.05)
+    wc = await make_wavechain(emulator, **FAST_RECONCILE)
+    run = await wc.wait((await wc.create_run("image_video_3d"))["id"])
+    await asyncio.sleep(0.5)
+    assert run["status"] == "succeeded"
+    assert (await emulator.counters()).get("result_polls", 0) == 0
+
+
+async def test_running_task_times_out_at_hard_limit_then_late_callback_is_ignored(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """A task silent and still running past the hard limit times out; the retry (new
+    attempt, new token) succeeds; attempt 1's late callback is recorded with no effect."""
+    emulator = await make_emulator(latency_s=1.5)
+    wc = await make_wavechain(
+        emulator, callback_timeout_s=0.2, hard_timeout_factor=2.0, reconcile_interval_s=0.05
+    )
+    spec = {"stages": {"clip": {"model": T2V, "input": {"prompt": "x"},
+                                "retry": {"attempts": 2, "backoff": 0.05}}}}  # fmt: skip
+    run_id = (await wc.create_run(spec))["id"]
+    async with asyncio.timeout(10):
+        while (await wc.get_run(run_id))["stages"][0]["attempt"] < 2:
+            await asyncio.sleep(0.02)
+    await emulator.set_faults(latency_s=0.05)
+    run = await wc.wait(run_id)
+    assert run["status"] == "succeeded" and run["stages"][0]["attempt"] == 2
+    await asyncio.sleep(1.6)  # attempt 1's task finishes and its webhook arrives
+    effects = [d["effect"] for d in await wc.app[keys.ENGINE].store.deliveries(run_id)]
+    assert sorted(effects) == ["applied", "no_effect"]
+    assert len({t["webhook"] for t in await emulator.tasks()}) == 2
+
+
+async def test_webhook_and_sweeper_racing_make_one_transition(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """Deadlines shorter than the callback delay: both paths report, one transition each."""
+    emulator = await make_emulator(latency_s=0.05, delivery_delay_s=0.4)
+    wc = await make_wavechain(emulator, callback_timeout_s=0.1, reconcile_interval_s=0.05)
+    run = await wc.wait((await wc.create_run("image_video_3d"))["id"])
+    await asyncio.sleep(0.6)
+    assert run["status"] == "succeeded"
+    assert (await emulator.counters())["result_polls"] >= 1
+    types = Counter(e["type"] for e in await wc.app[keys.ENGINE].store.outbox(run["id"]))
+    assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1
+
+
+async def test_api_token_required_when_configured(make_wavechain: WavechainFactory) -> None:
+    """With a token: /v1 needs it (constant-time check); health and webhooks do not."""
+    from pipelines.secrets import Secret
+
+    wc = await make_wavechain(api_token=Secret("s3cret-token"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+        async with wc.http.get(f"{wc.base_url}/v1/runs", headers=headers) as resp:
+            assert resp.status == 401
+            assert "s3cret" not in await resp.text()
+    good = {"Authorization": "Bearer s3cret-token"}
+    async with wc.http.get(f"{wc.base_url}/v1/runs", headers=good) as resp:
+        assert resp.status == 200
+    async with wc.http.get(f"{wc.base_url}/readyz") as resp:
+        assert resp.status == 200
+    async with wc.http.post(f"{wc.base_url}/webhooks/wavespeed/abc", data=b"{}") as resp:
+        assert resp.status == 401  # the signature check, not the API token
+        assert (await resp.json())["error"] == "signature verification failed"
