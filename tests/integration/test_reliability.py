@@ -25,7 +25,8 @@ async def test_dropped_deliveries_complete_by_reconciliation(
     counters = await emulator.counters()
     sweeper = wc.app[keys.SWEEPER]
     dropped = counters["webhooks_dropped"]
-    print(f"\n24 stages, {dropped} webhooks dropped, {counters.get('result_polls', 0)} result polls, "
+    polls = counters.get("result_polls", 0)
+    print(f"\n24 stages, {dropped} webhooks dropped, {polls} result polls, "
           f"{sweeper.applied} results applied by reconciliation")  # fmt: skip
     assert dropped > 0 and sweeper.applied == dropped
     assert counters["result_polls"] == sweeper.polls
