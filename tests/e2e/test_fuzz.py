@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -26,8 +26,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("fuzz")
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
-    env = {"WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-           "DATABASE_URL": f"sqlite:///{tmp}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET}  # fmt: skip
+    env = {
+        "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
+        "DATABASE_URL": f"sqlite:///{tmp}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
+    }  # fmt: skip
     with (
         wavechain("emulator", "--port", str(emu_port), "--fault", "drop_rate=1",
                   "--latency", "0.05", "--webhook-secret", SECRET, port=emu_port,
@@ -134,7 +136,7 @@ def test_rest_api_never_5xx(
 ) -> None:
     """Random methods, paths and bodies against the REST API never produce a 5xx."""
     COUNT["api"] += 1
-    url = live["api"] + path.replace("{x}", requests.utils.quote(x, safe=""))
+    url = live["api"] + path.replace("{x}", quote(x, safe=""))
     resp = requests.request(method, url, data=body, timeout=10,
                             headers={"Content-Type": "application/json"})  # fmt: skip
     assert resp.status_code < 500, (method, url, resp.text)
