@@ -37,7 +37,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         wavechain("serve", port=port, log=tmp / "serve.log", env=env) as proc,
     ):  # fmt: skip
         api = f"http://127.0.0.1:{port}"
-        spec = {
+        spec: Any = {
             "stages": {"v": {"model": "wavespeed-ai/hunyuan-video/t2v", "input": {"prompt": "x"}}}
         }
         run = requests.post(f"{api}/v1/runs", json={"pipeline": spec}, timeout=10).json()
