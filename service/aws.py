@@ -30,10 +30,14 @@ def make_clients(settings: Settings) -> AwsClients:
     )
     kwargs: dict[str, Any] = {"config": config}
     if settings.aws_endpoint_url:
-        kwargs["endpoint_url"] = settings.aws_endpoint_url
-        if session.get_credentials() is None:
-            # A local endpoint (moto) accepts any credentials; real AWS never gets these.
-            kwargs |= {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+        # A local endpoint (moto) takes any keys. Never walk boto3's credential chain here:
+        # it would query the EC2 metadata address, which is not ours to call.
+        key, secret = settings.aws_access_key_id, settings.aws_secret_access_key
+        kwargs |= {
+            "endpoint_url": settings.aws_endpoint_url,
+            "aws_access_key_id": key.reveal() if key else "local",
+            "aws_secret_access_key": secret.reveal() if secret else "local",
+        }
     return AwsClients(
         s3=session.client("s3", **kwargs),
         sns=session.client("sns", **kwargs),

@@ -96,7 +96,7 @@ def _set(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wavechain", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", help="default INFO (WARNING for demo)")
     parser.add_argument("--log-json", action="store_true", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_emulator(sub)
@@ -221,9 +221,7 @@ async def serve_until_signal(settings: Settings) -> None:
     and workers finish their jobs within the same grace before the process exits.
     """
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_grace_s
-    )
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
     stop = asyncio.Event()
@@ -259,7 +257,8 @@ def _events_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
-    configure_logging(json=args.log_json, level=args.log_level)
+    default_level = "WARNING" if args.command == "demo" else "INFO"
+    configure_logging(json=args.log_json, level=args.log_level or default_level)
     try:
         if args.command == "emulator":
             return _run_emulator(args, env)
@@ -270,7 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "events":
             return _events_tail(args, env)
         if args.command == "demo":
-            configure_logging(json=args.log_json, level="WARNING")
             result = asyncio.run(run_demo(args.pipeline, dict(args.set), latency_s=args.latency))
             return 0 if result["run"]["status"] == "succeeded" else 1
         return asyncio.run(_client_command(args, env))

@@ -28,8 +28,10 @@ BUCKET = "wavechain-demo"
 TOPIC = "wavechain-events"
 
 
-async def _start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None)
+async def _start(
+    app: web.Application, port: int = 0, *, access_log: bool = False
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app) if access_log else web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -129,7 +131,7 @@ async def run_demo(
             aws = await anyio.to_thread.run_sync(make_clients, settings)
             topic, tail = await anyio.to_thread.run_sync(_prepare_aws, aws)
             settings = settings.replace(sns_topic_arn=topic)
-            runner, _ = await _start(create_app(settings), port)
+            runner, _ = await _start(create_app(settings), port, access_log=True)
             runners.append(runner)
             print(f"emulator   {emulator_url}  (offline WaveSpeed + AI/ML API)", file=out)
             print(f"local AWS  {aws_endpoint}  (S3 + SNS + SQS, moto)", file=out)

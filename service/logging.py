@@ -29,13 +29,23 @@ def scrub(text: str) -> str:
     return _WHSEC.sub(REDACTED, text)
 
 
+def _clean(key: str, value: Any) -> Any:
+    if _SECRET_KEYS.search(key):
+        return REDACTED
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _clean(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(key, v) for v in value]
+    return value
+
+
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Drop values under secret-looking keys; scrub credentials out of every string."""
+    """Drop values under secret-looking keys; scrub credentials out of every string, nested
+    values included."""
     for key, value in list(event_dict.items()):
-        if _SECRET_KEYS.search(key):
-            event_dict[key] = REDACTED
-        elif isinstance(value, str):
-            event_dict[key] = scrub(value)
+        event_dict[key] = _clean(key, value)
     return event_dict
 
 
@@ -60,7 +70,8 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            # Extras (aiohttp's request line, headers) first, so redaction sees them too.
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )

@@ -51,6 +51,9 @@ class Settings:
     #: A local S3/SNS/SQS endpoint (moto); unset means real AWS.
     aws_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
+    #: Only used with AWS_ENDPOINT_URL; real AWS uses boto3's own credential chain.
+    aws_access_key_id: Secret | None = None
+    aws_secret_access_key: Secret | None = None
     sns_topic_arn: str | None = None
     #: Host patterns outputs may be downloaded from; the provider base URLs' hosts are added.
     mirror_allowed_hosts: tuple[str, ...] = ("*.wavespeed.ai", "*.cloudfront.net", "*.aimlapi.com")
@@ -156,6 +159,8 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("AWS_ENDPOINT_URL", "aws_endpoint_url", _url),
     ("AWS_DEFAULT_REGION", "aws_region", _str),
     ("AWS_REGION", "aws_region", _str),
+    ("AWS_ACCESS_KEY_ID", "aws_access_key_id", _secret),
+    ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", _secret),
     ("SNS_TOPIC_ARN", "sns_topic_arn", _topic),
     ("MIRROR_ALLOWED_HOSTS", "mirror_allowed_hosts", _list),
     ("MIRROR_MAX_BYTES", "mirror_max_bytes", _ranged(1, 2**40)),

@@ -171,3 +171,27 @@ def test_events_tail_filters_and_cleans_up(moto_endpoint: str) -> None:
     after = aws.sns.list_subscriptions_by_topic(TopicArn=aws.topic_arn)["Subscriptions"]
     assert len(after) == before
     assert not [q for q in aws.sqs.list_queues().get("QueueUrls", []) if "wavechain-tail-" in q]
+
+
+def test_debug_logs_of_the_whole_demo_hold_no_secrets() -> None:
+    """At DEBUG, nothing secret reaches a log line: webhook secrets, tokens, API keys,
+    presigned signatures or AWS credentials."""
+    import re
+
+    proc = cli("--log-level", "DEBUG", "--log-json", "demo", "--latency", "0.2", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    # The scan must see what it guards: webhook paths (tokens) went through the logs.
+    assert sum("/webhooks/wavespeed/[redacted]" in line for line in lines) >= 3
+    leaks = {
+        "webhook secret": re.compile(r"whsec_[A-Za-z0-9+/=]{4,}"),
+        "webhook token": re.compile(r"/webhooks/wavespeed/(?!\[redacted\])[A-Za-z0-9_-]{16,}"),
+        "presigned signature": re.compile(r"X-Amz-Signature=(?!\[redacted\])[0-9a-f]{8,}"),
+        "aws credential": re.compile(r"X-Amz-Credential=(?!\[redacted\])\w"),
+        "bearer key": re.compile(r"Bearer (?!\[redacted\])\S+"),
+        "sigv4 header": re.compile(r"Signature=[0-9a-f]{64}"),
+    }
+    assert not [line for line in lines if "169.254.169.254" in line], "AWS metadata was queried"
+    for line in lines + proc.stdout.splitlines():
+        for what, pattern in leaks.items():
+            assert not pattern.search(line), f"{what} leaked: {line[:300]}"

@@ -24,3 +24,12 @@ def test_credentials_inside_strings_are_scrubbed() -> None:
     for leaked in ("deadbeef", "AKIA", "AbCdEfGhIjKlMnOp123", "sk-live-123", "c2VjcmV0"):
         assert leaked not in out
     assert "/webhooks/wavespeed/" in out and "X-Amz-Signature=" in out
+
+
+def test_nested_values_are_scrubbed() -> None:
+    """Extras such as request lines and header dicts are cleaned too."""
+    out = redact(None, "info", {"event": "x", "request": {"line": "POST /webhooks/wavespeed/"
+                 "AbCdEfGhIjKlMnOp123 HTTP/1.1", "headers": {"Authorization": "Bearer k"}},
+                 "list": ["whsec_c2VjcmV0"]})  # fmt: skip
+    assert "AbCdEfGhIjKlMnOp123" not in str(out) and "Bearer k" not in str(out)
+    assert "c2VjcmV0" not in str(out)
