@@ -129,6 +129,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 if settings.downstream_urls == "provider"
                 else "mirrored",
                 presign_ttl_s=settings.presign_ttl_s,
+                submit_backoff_s=settings.submit_backoff_s,
             )
             mirror = None
             if settings.s3_bucket:

@@ -39,6 +39,8 @@ class Settings:
     #: A task still running after timeout times this factor times out.
     hard_timeout_factor: float = 4.0
     reconcile_interval_s: float = 5.0
+    #: First wait before re-sending a throttled or failed submit (doubles each time).
+    submit_backoff_s: float = 1.0
     #: Required as a Bearer token on /v1/* when set (not on webhooks or health).
     api_token: Secret | None = None
     #: On SIGTERM: how long in-flight requests and jobs get to finish.

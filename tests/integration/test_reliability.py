@@ -105,3 +105,54 @@ async def test_api_token_required_when_configured(make_wavechain: WavechainFacto
     async with wc.http.post(f"{wc.base_url}/webhooks/wavespeed/abc", data=b"{}") as resp:
         assert resp.status == 401  # the signature check, not the API token
         assert (await resp.json())["error"] == "signature verification failed"
+
+
+async def test_duplicate_storm_one_transition_per_stage(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """Every webhook delivered 5 times at once (same id and new ids): one transition each."""
+    for new_id in (False, True):
+        emulator = await make_emulator(
+            latency_s=0.05, duplicate_rate=1.0, duplicate_count=4, duplicate_new_id=new_id
+        )
+        wc = await make_wavechain(emulator)
+        ids = [(await wc.create_run("image_video_3d"))["id"] for _ in range(5)]
+        for run_id in ids:
+            assert (await wc.wait(run_id))["status"] == "succeeded"
+        await asyncio.sleep(0.3)
+        store = wc.app[keys.ENGINE].store
+        for run_id in ids:
+            types = Counter(e["type"] for e in await store.outbox(run_id))
+            assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1
+            effects = Counter(d["effect"] for d in await store.deliveries(run_id))
+            assert effects["applied"] == 3
+        assert (await emulator.counters())["webhooks_delivered"] == 5 * 3 * 5
+
+
+async def test_throttling_and_failures(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """429/503 on a share of submits and failed tasks: runs with a retry policy finish; the
+    others fail cleanly with the provider's error."""
+    emulator = await make_emulator(
+        latency_s=0.05, submit_error_rate=0.3, submit_error_status=503, failure_rate=0.3,
+        failure_error="5003: model busy", rng_seed=5,
+    )  # fmt: skip
+    wc = await make_wavechain(emulator, submit_backoff_s=0.05, **FAST_RECONCILE)
+    stage = {"model": T2V, "input": {"prompt": "x"}}
+    patient = {"stages": {"a": {**stage, "retry": {"attempts": 8, "backoff": 0.05}},
+                          "b": {**stage, "retry": {"attempts": 8, "backoff": 0.05}}}}  # fmt: skip
+    fragile = {"stages": {"a": stage, "b": stage}}
+    with_retry = [(await wc.create_run(patient))["id"] for _ in range(6)]
+    without = [(await wc.create_run(fragile))["id"] for _ in range(6)]
+    results = {i: await wc.wait(i, limit_s=60) for i in with_retry + without}
+    assert all(results[i]["status"] == "succeeded" for i in with_retry)
+    failed = [results[i] for i in without if results[i]["status"] == "failed"]
+    assert failed, "with a 30% failure rate some runs without retries should fail"
+    for run in failed:
+        errors = [s["error"] for s in run["stages"] if s["status"] == "failed"]
+        assert errors == ["5003: model busy"]
+    counters = await emulator.counters()
+    assert counters["submits_refused"] > 0 and counters["tasks_failed"] > 0
+    print(f"\nsubmits refused {counters['submits_refused']}, tasks failed "
+          f"{counters['tasks_failed']}, runs failed without retries: {len(failed)}/6")  # fmt: skip
