@@ -28,6 +28,7 @@ from pipelines.state import (
     Event,
     Mirrored,
     MirrorFailed,
+    RetryRequested,
     StageState,
     StageStatus,
     SubmitRejected,
@@ -98,6 +99,12 @@ class Engine:
     async def cancel(self, run_id: str) -> Decision:
         decision = await self.store.apply(run_id, CancelRequested(), now=self._clock())
         log.info("run.cancel_requested", run_id=run_id, changed=decision.changed)
+        return decision
+
+    async def retry(self, run_id: str, from_stage: str | None = None) -> Decision:
+        """Re-run ``from_stage`` and its downstream (or what failed), reusing upstream outputs."""
+        decision = await self.store.apply(run_id, RetryRequested(from_stage), now=self._clock())
+        log.info("run.retry_requested", run_id=run_id, from_stage=from_stage)
         return decision
 
     # results --------------------------------------------------------------------------

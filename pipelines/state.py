@@ -54,6 +54,13 @@ class StageState:
     #: Our copies (s3:// URIs), once mirrored.
     mirrored: tuple[str, ...] = ()
     error: str = ""
+    #: The last attempt before a manual retry: attempts up to it are history, and the
+    #: stage is scheduled again when ``attempt`` moves past it.
+    base_attempt: int = 0
+
+    @property
+    def scheduled(self) -> bool:
+        return self.attempt > self.base_attempt
 
     @property
     def awaiting_mirror(self) -> bool:
@@ -98,6 +105,13 @@ class Start:
 @dataclass(frozen=True, slots=True)
 class CancelRequested:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRequested:
+    """Run ``from_stage`` and everything downstream again; without it, what failed."""
+
+    from_stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +182,7 @@ StageEvent = (
     | Mirrored
     | MirrorFailed
 )
-Event = Start | CancelRequested | StageEvent
+Event = Start | CancelRequested | RetryRequested | StageEvent
 
 
 # Commands -----------------------------------------------------------------------------
@@ -223,7 +237,36 @@ def decide(pipeline: Pipeline, state: RunState, event: Event, *, now: float) -> 
         return _start(pipeline, state)
     if isinstance(event, CancelRequested):
         return _cancel(state)
+    if isinstance(event, RetryRequested):
+        return _retry(pipeline, state, event)
     return _stage_event(pipeline, state, event, now)
+
+
+def _retry(pipeline: Pipeline, state: RunState, event: RetryRequested) -> Decision:
+    if state.status is RunStatus.RUNNING:
+        raise InvalidTransitionError(f"run {state.run_id} is still running")
+    if event.from_stage is not None:
+        if event.from_stage not in state.stages:
+            raise InvalidTransitionError(f"run {state.run_id} has no stage {event.from_stage!r}")
+        again = {event.from_stage} | pipeline.downstream(event.from_stage)
+    else:
+        again = {
+            name for name, s in state.stages.items()
+            if s.status in (StageStatus.FAILED, StageStatus.CANCELLED)
+        }  # fmt: skip
+        if not again:
+            raise InvalidTransitionError(
+                f"run {state.run_id} has nothing to retry; name a stage with --from"
+            )
+    # Upstream stages keep their outputs (and mirrored copies): they are reused, not re-run.
+    stages = {
+        name: StageState(attempt=s.attempt, base_attempt=s.attempt) if name in again else s
+        for name, s in state.stages.items()
+    }
+    stages, submits = _schedule_ready(pipeline, stages)
+    new = dataclasses.replace(state, stages=stages, cancelled=False)
+    retried = ",".join(sorted(again))
+    return Decision(new, (Emit("run.retried", None, {"error": None, "stages": retried}), *submits))
 
 
 def _unchanged(state: RunState) -> Decision:
@@ -259,7 +302,8 @@ def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: fl
         raise InvalidTransitionError(
             f"stage {event.stage!r} attempt {event.attempt} was never scheduled"
         )
-    if event.attempt < current.attempt or current.status.terminal or state.cancelled:
+    stale = event.attempt < current.attempt or event.attempt <= current.base_attempt
+    if stale or current.status.terminal or state.cancelled:
         return _unchanged(state)  # an old attempt, or too late: recorded, no effect
     task_id = getattr(event, "task_id", None)
     if current.task_id is not None and task_id is not None and task_id != current.task_id:
@@ -299,20 +343,20 @@ def _task_event(
         stage = dataclasses.replace(current, status=StageStatus.PROCESSING, task_id=event.task_id)
         return _with_stage(state, event.stage, stage, ())
     if isinstance(event, TaskSucceeded):
-        done = StageState(
-            status=StageStatus.PROCESSING,
-            attempt=event.attempt,
-            task_id=event.task_id,
-            outputs=event.outputs,
+        done = dataclasses.replace(
+            current, status=StageStatus.PROCESSING, task_id=event.task_id, outputs=event.outputs
         )
         if state.mirror:
             return _with_stage(state, event.stage, done, (Mirror(event.stage, event.attempt),))
         return _succeeded(pipeline, state, event.stage, done, mirrored=())
     if isinstance(event, TaskFailed):
         policy = pipeline.stages[event.stage].retry
-        if event.retryable and current.attempt < policy.attempts:
-            delay = policy.backoff_s * 2 ** (current.attempt - 1)
-            retry = StageState(attempt=current.attempt + 1, error=event.error)
+        used = current.attempt - current.base_attempt
+        if event.retryable and used < policy.attempts:
+            delay = policy.backoff_s * 2 ** (used - 1)
+            retry = StageState(
+                attempt=current.attempt + 1, base_attempt=current.base_attempt, error=event.error
+            )
             submit = Submit(event.stage, retry.attempt, not_before=now + delay)
             return _with_stage(state, event.stage, retry, (submit,))
         return _failed(state, event.stage, current, event.error, event.task_id)
@@ -367,10 +411,10 @@ def _schedule_ready(
     submits: list[Submit] = []
     for name in pipeline.order():
         stage = stages[name]
-        if stage.status is not StageStatus.PENDING or stage.attempt:
+        if stage.status is not StageStatus.PENDING or stage.scheduled:
             continue
         needs = pipeline.stages[name].needs
         if all(stages[n].status is StageStatus.SUCCEEDED for n in needs):
-            stages[name] = dataclasses.replace(stage, attempt=1)
-            submits.append(Submit(name, 1))
+            stages[name] = dataclasses.replace(stage, attempt=stage.attempt + 1)
+            submits.append(Submit(name, stage.attempt + 1))
     return stages, submits

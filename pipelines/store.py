@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS stages (
     outputs TEXT NOT NULL DEFAULT '[]',
     mirrored TEXT NOT NULL DEFAULT '[]',
     error TEXT NOT NULL DEFAULT '',
+    base_attempt INTEGER NOT NULL DEFAULT 0,
     submitted_at REAL,
     finished_at REAL,
     -- Reconciliation: when to ask the provider if no callback came, and when to give up.
@@ -400,9 +401,11 @@ class Store:
                 outputs=tuple(json.loads(r["outputs"])),
                 mirrored=tuple(json.loads(r["mirrored"])),
                 error=r["error"],
+                base_attempt=r["base_attempt"],
             )
             for r in conn.execute(
-                "SELECT name, status, attempt, task_id, outputs, mirrored, error FROM stages "
+                "SELECT name, status, attempt, task_id, outputs, mirrored, error, base_attempt "
+                "FROM stages "
                 "WHERE run_id = ?",
                 (run_id,),
             )
@@ -423,12 +426,12 @@ class Store:
                 continue
             conn.execute(
                 "UPDATE stages SET status = ?, attempt = ?, task_id = ?, outputs = ?, "
-                "mirrored = ?, error = ?, "
+                "mirrored = ?, error = ?, base_attempt = ?, "
                 "submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END, "
                 "finished_at = CASE WHEN ? THEN ? ELSE NULL END "
                 "WHERE run_id = ? AND name = ?",
                 (stage.status.value, stage.attempt, stage.task_id, json.dumps(stage.outputs),
-                 json.dumps(stage.mirrored), stage.error,
+                 json.dumps(stage.mirrored), stage.error, stage.base_attempt,
                  stage.status is StageStatus.SUBMITTED, now,
                  stage.status.terminal, now, run_id, name),
             )  # fmt: skip

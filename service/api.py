@@ -91,6 +91,24 @@ async def cancel_run(request: web.Request) -> web.Response:
     return web.json_response(view.as_json())
 
 
+async def retry_run(request: web.Request) -> web.Response:
+    engine = request.app[keys.ENGINE]
+    run_id = request.match_info["id"]
+    if await engine.store.get_run(run_id) is None:
+        raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
+    body = await _json(request) if request.can_read_body else {}
+    from_stage = body.get("from")
+    if from_stage is not None and not isinstance(from_stage, str):
+        raise SpecError("from: must be a stage name")
+    try:
+        await engine.retry(run_id, from_stage)
+    except InvalidTransitionError as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    view = await engine.store.get_run(run_id)
+    assert view is not None  # noqa: S101
+    return web.json_response(view.as_json())
+
+
 async def list_pipelines(request: web.Request) -> web.Response:
     out = []
     for name in example_names():

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("runs", parents=[server], help="list recent runs")
     p = sub.add_parser("cancel", parents=[server], help="cancel a run")
     p.add_argument("run_id")
+    p = sub.add_parser(
+        "retry", parents=[server],
+        help="re-run a run's failed stages, or --from STAGE and everything downstream",
+    )  # fmt: skip
+    p.add_argument("run_id")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE")
+    p.add_argument("--wait", action="store_true", help="follow progress until the run ends")
 
     p = sub.add_parser("validate", help="check pipeline files without submitting anything")
     p.add_argument("files", nargs="+")
@@ -195,6 +202,12 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
             for run in [] if args.json else runs:
                 print(f"{run['id']}  {run['status']:<10} {run['pipeline']:<20} {run['created_at']}")
             return 0
+        if args.command == "retry":
+            run = await client.retry(args.run_id, args.from_stage)
+            if args.wait:
+                run = await follow(client, run["id"], sys.stdout, quiet=args.json)
+            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+            return 0 if run["status"] in ("succeeded", "running") else 1
         if args.command == "cancel":
             run = await client.cancel(args.run_id)
             dump(run, sys.stdout) if args.json else summary(run, sys.stdout)

@@ -48,6 +48,11 @@ class ApiClient:
         result: list[dict[str, Any]] = (await self._call("GET", f"/v1/runs?limit={limit}"))["runs"]
         return result
 
+    async def retry(self, run_id: str, from_stage: str | None) -> dict[str, Any]:
+        body = {"from": from_stage} if from_stage else {}
+        result: dict[str, Any] = await self._call("POST", f"/v1/runs/{run_id}/retry", body)
+        return result
+
     async def cancel(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", f"/v1/runs/{run_id}/cancel")
         return result

@@ -195,3 +195,14 @@ def test_debug_logs_of_the_whole_demo_hold_no_secrets() -> None:
     for line in lines + proc.stdout.splitlines():
         for what, pattern in leaks.items():
             assert not pattern.search(line), f"{what} leaked: {line[:300]}"
+
+
+def test_retry_command(stack: str) -> None:
+    """`retry` says when there is nothing to retry; `--from` re-runs a stage and downstream."""
+    run = json.loads(cli("run", "image_video_3d", "--wait", "--json", "--server", stack).stdout)
+    nothing = cli("retry", run["id"], "--server", stack)
+    assert nothing.returncode == 2 and "nothing to retry" in nothing.stderr
+    again = cli("retry", run["id"], "--from", "video", "--wait", "--json", "--server", stack)
+    assert again.returncode == 0, again.stderr
+    stages = {s["name"]: s["attempt"] for s in json.loads(again.stdout)["stages"]}
+    assert stages == {"image": 1, "video": 2, "mesh": 1}

@@ -156,3 +156,37 @@ async def test_throttling_and_failures(
     assert counters["submits_refused"] > 0 and counters["tasks_failed"] > 0
     print(f"\nsubmits refused {counters['submits_refused']}, tasks failed "
           f"{counters['tasks_failed']}, runs failed without retries: {len(failed)}/6")  # fmt: skip
+
+
+async def test_retry_command_reuses_upstream(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
+) -> None:
+    """A run failed at i2v is retried once the provider recovers: the image is reused."""
+    emulator = await make_emulator(latency_s=0.05, fail_models=["wavespeed-ai/hunyuan-video/i2v"])
+    wc = await make_wavechain(emulator)
+    spec = {"stages": {
+        "image": {"model": "wavespeed-ai/hunyuan-image-2.1", "input": {"prompt": "x"}},
+        "video": {"model": "wavespeed-ai/hunyuan-video/i2v",
+                  "input": {"image": "${stages.image.outputs[0]}"}},
+        "mesh": {"model": "wavespeed-ai/hunyuan3d/v2.1",
+                 "input": {"image": "${stages.image.outputs[0]}"}, "needs": ["video"]},
+    }}  # fmt: skip
+    run = await wc.wait((await wc.create_run(spec))["id"])
+    assert run["status"] == "failed"
+    await emulator.set_faults(fail_models=[])
+    async with wc.http.post(f"{wc.base_url}/v1/runs/{run['id']}/retry", json={}) as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "running"
+    done = await wc.wait(run["id"])
+    assert done["status"] == "succeeded"
+    assert {s["name"]: s["attempt"] for s in done["stages"]} == {"image": 1, "video": 2, "mesh": 1}
+    counters = await emulator.counters()
+    assert counters["submits:wavespeed-ai/hunyuan-image-2.1"] == 1
+    async with wc.http.post(f"{wc.base_url}/v1/runs/{run['id']}/retry", json={}) as resp:
+        assert resp.status == 409  # nothing failed any more
+    async with wc.http.post(
+        f"{wc.base_url}/v1/runs/{run['id']}/retry", json={"from": "mesh"}
+    ) as resp:
+        assert resp.status == 200
+    again = await wc.wait(run["id"])
+    assert again["status"] == "succeeded" and again["stages"][2]["attempt"] == 2
+    assert (await emulator.counters())["submits:wavespeed-ai/hunyuan-video/i2v"] == 2

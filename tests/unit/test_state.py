@@ -19,6 +19,7 @@ from pipelines.state import (
     Mirror,
     Mirrored,
     MirrorFailed,
+    RetryRequested,
     RunState,
     RunStatus,
     StageStatus,
@@ -371,3 +372,57 @@ def test_mirror_events_without_pending_copy_are_ignored() -> None:
     done = step(p, s, Mirrored("image", 1, ("s3://b/k",))).state
     assert not step(p, done, Mirrored("image", 1, ("s3://b/k",))).changed
     assert not step(p, started(p), Mirrored("image", 1, ("s3://b/k",))).changed
+
+
+def failed_video_run(p: specs.Pipeline) -> RunState:
+    s = finish(p, started(p), "image").state
+    s = step(p, s, Submitted("video", 1, "tv")).state
+    s = step(p, s, Submitted("mesh", 1, "tm")).state
+    s = step(p, s, TaskFailed("video", 1, "tv", "5000", retryable=False)).state
+    return step(p, s, TaskSucceeded("mesh", 1, "tm", ("u-mesh",))).state
+
+
+def test_retry_reruns_failed_and_downstream_reusing_upstream() -> None:
+    """Retry without --from: the failed stage (attempt 2) and the cancelled downstream."""
+    p = pipeline()
+    s = failed_video_run(p)
+    assert s.status is RunStatus.FAILED
+    d = step(p, s, RetryRequested())
+    assert submits(d) == [("video", 2)] and emits(d) == ["run.retried"]
+    assert d.state.status is RunStatus.RUNNING
+    assert d.state.stages["image"] == s.stages["image"]  # reused, not re-run
+    assert d.state.stages["final"].status is StageStatus.PENDING
+    d = finish(p, d.state, "video")
+    assert submits(d) == [("final", 1)]
+    assert finish(p, d.state, "final").state.status is RunStatus.SUCCEEDED
+
+
+def test_retry_from_stage_reruns_downstream() -> None:
+    """--from image re-runs image and everything after it, with fresh retry budgets."""
+    p = pipeline(retry=2)
+    s = failed_video_run(p)
+    d = step(p, s, RetryRequested("image"))
+    assert submits(d) == [("image", 2)]
+    assert {n: st.attempt for n, st in d.state.stages.items()} == {
+        "image": 2, "video": 1, "mesh": 1, "final": 0
+    }  # fmt: skip
+    d = finish(p, d.state, "image")
+    assert sorted(submits(d)) == [("mesh", 2), ("video", 2)]
+    s = step(p, d.state, Submitted("video", 2, "tv2")).state
+    d = step(p, s, TaskFailed("video", 2, "tv2", "5000"))
+    assert submits(d) == [("video", 3)]  # the budget restarted at the manual retry
+
+
+def test_old_attempt_callback_after_retry_is_stale() -> None:
+    """A late callback for the attempt before the retry changes nothing."""
+    p = pipeline()
+    d = step(p, failed_video_run(p), RetryRequested())
+    assert not step(p, d.state, TaskSucceeded("video", 1, "tv", ("u",))).changed
+
+
+@pytest.mark.parametrize("event", [RetryRequested(), RetryRequested("nope")])
+def test_retry_refused_while_running_or_for_unknown_stage(event: RetryRequested) -> None:
+    """A running run cannot be retried; an unknown stage is named."""
+    p = pipeline()
+    with pytest.raises(InvalidTransitionError):
+        step(p, started(p) if event.from_stage is None else failed_video_run(p), event)
