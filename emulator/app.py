@@ -308,7 +308,12 @@ async def get_deliveries(request: web.Request) -> web.Response:
 async def get_tasks(request: web.Request) -> web.Response:
     """Every task with its webhook URL: what the provider knows, for tests to inspect."""
     rows = [
-        {**task.prediction(with_input=True), "webhook": task.webhook}
+        {
+            **task.prediction(with_input=True),
+            "webhook": task.webhook,
+            "submitted_mono": task.submitted_mono,
+            "finished_mono": task.finished_mono,
+        }
         for task in request.app[PROVIDER].tasks.values()
     ]
     return web.json_response(rows)

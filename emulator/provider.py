@@ -48,6 +48,9 @@ class Task:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     #: Media paths of this task's outputs; their TTL starts when the task completes.
     paths: list[str] = field(default_factory=list)
+    #: Emulator-clock instants, for latency measurements (submit arrived, task ended).
+    submitted_mono: float = field(default_factory=time.monotonic)
+    finished_mono: float | None = None
 
     def prediction(self, *, with_input: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -227,6 +230,7 @@ class Provider:
                 for path in task.paths:
                     self.media.expire(path, expires)
         task.inference_ms = int((time.monotonic() - started) * 1000)
+        task.finished_mono = time.monotonic()
         task.done.set()
         if task.webhook is not None:
             self._schedule_webhook(task, task.webhook)

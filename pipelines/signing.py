@@ -106,6 +106,14 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def verify(
     body: bytes,
     headers: Mapping[str, str],
@@ -122,6 +130,10 @@ def verify(
     if not secrets:
         raise WebhookVerificationError("no_secret_configured")
     webhook_id = _header(headers, ID_HEADER)
+    # Ids are short printable text; anything else (control bytes, undecodable bytes that
+    # arrive as surrogates) cannot have been signed and must not reach the encoder.
+    if len(webhook_id) > 256 or not webhook_id.isprintable() or not _encodable(webhook_id):
+        raise WebhookVerificationError("bad_webhook_id")
     raw_ts = _header(headers, TIMESTAMP_HEADER)
     raw_sig = _header(headers, SIGNATURE_HEADER)
     if not raw_ts.isascii() or not raw_ts.isdigit() or len(raw_ts) > 12:

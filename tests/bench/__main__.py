@@ -1,0 +1,61 @@
+"""`make bench`: each benchmark beside its baseline in the same run; medians and ratios.
+
+Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
+Run one with `python -m tests.bench receiver`. Only the receiver benchmark exists so far.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.bench import benches
+
+HERE = Path(__file__).parent
+ALL: dict[str, Callable[[Path], dict[str, Any]]] = {"receiver": benches.receiver}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import os
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(ALL)
+    results: dict[str, Any] = {}
+    work = HERE / "out"
+    work.mkdir(exist_ok=True)
+    started = time.monotonic()
+    for name in names:
+        print(f"== {name}", flush=True)
+        t0 = time.monotonic()
+        results[name] = ALL[name](work)
+        results[name]["wall_s"] = round(time.monotonic() - t0, 1)
+        print(json.dumps(results[name], indent=1), flush=True)
+    meta = {"machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "total_s": round(time.monotonic() - started, 1)}  # fmt: skip
+    previous = (
+        json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
+    )
+    merged = {**previous.get("results", {}), **results}
+    (HERE / "results.json").write_text(json.dumps({"meta": meta, "results": merged}, indent=1))
+    (HERE / "RESULTS.md").write_text(benches.markdown(meta, merged))
+    print((HERE / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
