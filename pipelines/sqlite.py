@@ -115,10 +115,19 @@ class GroupCommitter:
             results = [(None, exc)] * len(batch)
         self.batches += 1
         self.operations += len(batch)
+        # One wake-up per loop per batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, Any]]] = {}
         for (_, future, loop), (value, error) in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append((future, value, error))
+        for loop, items in by_loop.items():
             # RuntimeError: the loop closed while we committed; nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, future, value, error)
+                loop.call_soon_threadsafe(_resolve_all, items)
+
+
+def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        _resolve(future, value, error)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

@@ -327,10 +327,12 @@ class Store:
     ) -> WebhookOutcome:
         """Resolve the token, record the delivery, apply the event: one transaction."""
 
+        hashed = token_hash(token)
+
         def op(conn: sqlite3.Connection) -> WebhookOutcome:
             row = conn.execute(
                 "SELECT run_id, stage, attempt, task_id, state FROM attempts WHERE token_hash = ?",
-                (token_hash(token),),
+                (hashed,),
             ).fetchone()
             if row is None:
                 return WebhookOutcome("unknown_token")
@@ -343,7 +345,7 @@ class Store:
                 # unguessable token tells us the task id.
                 conn.execute(
                     "UPDATE attempts SET task_id = ?, state = 'accepted' WHERE token_hash = ?",
-                    (task_id, token_hash(token)),
+                    (task_id, hashed),
                 )
             elif row["task_id"] != task_id:
                 return WebhookOutcome("task_mismatch", run_id, stage)
