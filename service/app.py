@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,9 @@ from service.routes import setup_routes
 from service.settings import DEFAULT_AIMLAPI, DEFAULT_WAVESPEED, Settings
 
 log = structlog.get_logger("wavechain.app")
+# Request ids: unique per process start and cheap (no urandom syscall per request).
+_PREFIX = f"{uuid.uuid4().hex[:8]}-"
+_IDS = itertools.count(1)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -37,7 +41,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def context_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id for every log line; map domain errors to HTTP answers."""
     structlog.contextvars.clear_contextvars()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_PREFIX}{next(_IDS):x}"
     # The route template, never the path: webhook paths carry a secret token.
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"

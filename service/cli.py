@@ -222,8 +222,17 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.port is not None:
         settings = settings.replace(port=args.port)
     log.info("service.starting", host=settings.host, port=settings.port)
-    asyncio.run(serve_until_signal(settings))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve_until_signal(settings))
     return 0
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # not on every platform; the standard loop works, only slower
+        return None
+    return uvloop.new_event_loop
 
 
 async def serve_until_signal(settings: Settings) -> None:
