@@ -1,7 +1,7 @@
 """`make bench`: each benchmark beside its baseline in the same run; medians and ratios.
 
 Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
-Run one with `python -m tests.bench receiver`. Only the receiver benchmark exists so far.
+Run one with `python -m tests.bench receiver`. Benchmarks so far: receiver, handoff.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Any
 from tests.bench import benches
 
 HERE = Path(__file__).parent
-ALL: dict[str, Callable[[Path], dict[str, Any]]] = {"receiver": benches.receiver}
+ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "receiver": benches.receiver,
+    "handoff": benches.handoff,
+}
 
 
 def machine() -> str:
