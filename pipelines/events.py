@@ -76,8 +76,8 @@ class SnsPublisher:
         return sent, failed
 
 
-def next_batch(rows: Sequence[OutboxRow]) -> list[OutboxRow]:
-    """The oldest pending event of each run, oldest first, at most a batch of them."""
+def next_batch(rows: Sequence[OutboxRow], limit: int = _BATCH) -> list[OutboxRow]:
+    """The oldest pending event of each run, oldest first, at most ``limit`` of them."""
     seen: set[str] = set()
     batch: list[OutboxRow] = []
     for row in rows:
@@ -85,7 +85,7 @@ def next_batch(rows: Sequence[OutboxRow]) -> list[OutboxRow]:
             continue
         seen.add(row.run_id)
         batch.append(row)
-        if len(batch) == _BATCH:
+        if len(batch) == limit:
             break
     return batch
 
@@ -98,8 +98,10 @@ class OutboxRelay:
         *,
         poll_interval_s: float = 1.0,
         max_backoff_s: float = 30.0,
+        parallel: int = 8,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._parallel = parallel
         self._store = store
         self._publisher = publisher
         self._poll = poll_interval_s
@@ -129,12 +131,24 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), self._poll)
 
     async def drain_once(self) -> bool:
-        """Publish one round of pending events; True if anything was sent."""
-        pending = await self._store.pending_events(limit=500)
+        """Publish one round of pending events; True if anything was sent.
+
+        A round takes the oldest pending event of up to ``_BATCH * parallel`` distinct
+        runs and publishes them as concurrent batches: a run never has two events in
+        flight at once, so each run's events still go out in order.
+        """
+        pending = await self._store.pending_events(limit=2000)
         sent_any = False
         while pending:
-            batch = next_batch(pending)
-            sent, failed = await self._publisher.publish(batch)
+            wave = next_batch(pending, limit=_BATCH * self._parallel)
+            answers = await asyncio.gather(
+                *(
+                    self._publisher.publish(wave[i : i + _BATCH])
+                    for i in range(0, len(wave), _BATCH)
+                )
+            )
+            sent = [seq for ok, _ in answers for seq in ok]
+            failed = [seq for _, bad in answers for seq in bad]
             if sent:
                 await self._store.mark_sent(sent, now=self._clock())
                 self.published += len(sent)
@@ -142,8 +156,8 @@ class OutboxRelay:
             if failed:
                 await self._store.mark_failed(failed)
                 log.warning("events.entries_failed", count=len(failed))
-            blocked = {r.run_id for r in batch if r.seq in set(failed)}
-            done = set(sent)
+            failed_set, done = set(failed), set(sent)
+            blocked = {r.run_id for r in wave if r.seq in failed_set}
             pending = [r for r in pending if r.seq not in done and r.run_id not in blocked]
             if failed and not sent:
                 break
