@@ -1,7 +1,7 @@
 """`make bench`: each benchmark beside its baseline in the same run; medians and ratios.
 
 Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
-Run one with `python -m tests.bench receiver`. Benchmarks so far: receiver, handoff, events.
+Run one with `python -m tests.bench receiver`. Benchmarks so far: receiver, handoff, mirror, events.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ HERE = Path(__file__).parent
 ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
     "receiver": benches.receiver,
     "handoff": benches.handoff,
+    "mirror": benches.mirror,
     "events": benches.events,
 }
 

@@ -257,6 +257,45 @@ def handoff(work: Path) -> dict[str, Any]:
     }
 
 
+# 4. mirror --------------------------------------------------------------------------------
+
+
+def mirror(work: Path) -> dict[str, Any]:
+    from tests.support.aws import clients, moto_server
+
+    size = 1024**3
+    raw: dict[str, list[dict[str, float]]] = {"stream": [], "memory": []}
+    emu, emu_ctx = emulator(work, f"large_output_bytes={size}")
+    with emu_ctx, moto_server(work / "moto-mirror.log") as endpoint:
+        s3, _, _ = clients(endpoint)
+        s3.create_bucket(Bucket="bench-mirror")
+        answer = requests.post(
+            f"{emu}/api/v3/wavespeed-ai/hunyuan-video/t2v", headers={"Authorization": "Bearer b"},
+            json={"prompt": "x", "enable_sync_mode": True}, timeout=60,
+        ).json()  # fmt: skip
+        url = answer["data"]["outputs"][0]
+        for rep in range(REPEATS):
+            for mode in ("memory", "stream"):
+                key = f"{mode}-{rep}"
+                worker = [PY, "-m", "tests.bench.mirror_worker", mode, url, endpoint]
+                out = subprocess.run(
+                    [*worker, "bench-mirror", key],
+                    capture_output=True, text=True, check=True, timeout=600,
+                )  # fmt: skip
+                raw[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                for item in s3.list_objects_v2(Bucket="bench-mirror").get("Contents", []):
+                    s3.delete_object(Bucket="bench-mirror", Key=item["Key"])  # free moto's memory
+    speed = {m: statistics.median(r["mb_per_s"] for r in v) for m, v in raw.items()}
+    rss = {m: statistics.median(r["peak_rss_growth_mib"] for r in v) for m, v in raw.items()}
+    return {
+        "bytes": size,
+        "mb_per_s": {m: round(v, 1) for m, v in speed.items()},
+        "peak_rss_growth_mib": {m: round(v, 1) for m, v in rss.items()},
+        "speed_ratio": round(speed["stream"] / speed["memory"], 2),
+        "raw": raw,
+    }
+
+
 # 5. event fan-out --------------------------------------------------------------------------
 
 
@@ -372,6 +411,24 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"{h['sdk_polling_ms']['p99']} | {h['provider_requests_per_stage']['sdk']} |",
             "",
             f"Added latency per stage: {h['ratio_p50']} times less with wavechain (p50).",
+            "",
+        ]
+    if "mirror" in results:
+        m = results["mirror"]
+        lines += [
+            "## 4. Mirror",
+            "",
+            "One 1 GiB output served by the emulator, copied to the local S3 endpoint (moto),",
+            "each copy in a fresh process so its peak RSS (VmHWM) growth is its own.",
+            "",
+            "| | MB/s | peak RSS growth MiB |",
+            "|---|---:|---:|",
+            f"| baseline: download into memory, one `put_object` | {m['mb_per_s']['memory']} | "
+            f"{m['peak_rss_growth_mib']['memory']} |",
+            f"| wavechain: streamed multipart | {m['mb_per_s']['stream']} | "
+            f"{m['peak_rss_growth_mib']['stream']} |",
+            "",
+            f"Speed ratio: {m['speed_ratio']}.",
             "",
         ]
     if "events" in results:

@@ -1,0 +1,52 @@
+"""One mirror of one URL in a fresh process; prints seconds and peak-RSS growth as JSON.
+
+Usage: python -m tests.bench.mirror_worker stream|memory URL ENDPOINT BUCKET KEY
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import anyio
+
+from pipelines.mirror import MirrorConfig, S3Mirror
+from tests.support.aws import clients
+
+
+def peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def main(mode: str, url: str, endpoint: str, bucket: str, key: str) -> dict[str, float]:
+    s3, _, _ = clients(endpoint)
+    s3.head_bucket(Bucket=bucket)  # warm the client before the baseline reading
+    async with aiohttp.ClientSession() as session:
+        before = peak_mib()
+        started = time.perf_counter()
+        if mode == "stream":
+            config = MirrorConfig(bucket=bucket, allowed_hosts=("127.0.0.1",), max_bytes=2**34)
+            mirror = S3Mirror(s3, session, config, limiter=anyio.CapacityLimiter(4))
+            done = await mirror.copy(url, stem=key, metadata={"task-id": key})
+            size = done.size
+        else:
+            async with session.get(url) as resp:
+                data = await resp.read()
+            await anyio.to_thread.run_sync(
+                lambda: s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="video/mp4")
+            )
+            size = len(data)
+        elapsed = time.perf_counter() - started
+    return {"bytes": size, "seconds": elapsed, "mb_per_s": size / elapsed / 1e6,
+            "peak_rss_growth_mib": peak_mib() - before}  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main(*sys.argv[1:6]))))
