@@ -70,43 +70,38 @@ async def list_runs(request: web.Request) -> web.Response:
     return web.json_response({"runs": [r.as_json() for r in runs]})
 
 
-async def get_run(request: web.Request) -> web.Response:
+async def _run_json(request: web.Request) -> dict[str, Any]:
+    """The run named in the path, as JSON; 404 if there is none."""
     view = await request.app[keys.ENGINE].store.get_run(request.match_info["id"])
     if view is None:
         raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
-    return web.json_response(view.as_json())
+    return view.as_json()
+
+
+async def get_run(request: web.Request) -> web.Response:
+    return web.json_response(await _run_json(request))
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    engine = request.app[keys.ENGINE]
-    run_id = request.match_info["id"]
-    if await engine.store.get_run(run_id) is None:
-        raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
+    run_id = (await _run_json(request))["id"]
     try:
-        await engine.cancel(run_id)
+        await request.app[keys.ENGINE].cancel(run_id)
     except InvalidTransitionError as exc:
         return web.json_response({"error": str(exc)}, status=409)
-    view = await engine.store.get_run(run_id)
-    assert view is not None  # noqa: S101
-    return web.json_response(view.as_json())
+    return web.json_response(await _run_json(request))
 
 
 async def retry_run(request: web.Request) -> web.Response:
-    engine = request.app[keys.ENGINE]
-    run_id = request.match_info["id"]
-    if await engine.store.get_run(run_id) is None:
-        raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
+    run_id = (await _run_json(request))["id"]
     body = await _json(request) if request.can_read_body else {}
     from_stage = body.get("from")
     if from_stage is not None and not isinstance(from_stage, str):
         raise SpecError("from: must be a stage name")
     try:
-        await engine.retry(run_id, from_stage)
+        await request.app[keys.ENGINE].retry(run_id, from_stage)
     except InvalidTransitionError as exc:
         return web.json_response({"error": str(exc)}, status=409)
-    view = await engine.store.get_run(run_id)
-    assert view is not None  # noqa: S101
-    return web.json_response(view.as_json())
+    return web.json_response(await _run_json(request))
 
 
 async def list_pipelines(request: web.Request) -> web.Response:

@@ -177,6 +177,16 @@ def _pipeline_arg(value: str) -> Any:
     return value
 
 
+async def _show(
+    client: ApiClient, run: dict[str, Any], args: argparse.Namespace, *, wait: bool = False
+) -> int:
+    """Optionally follow a run to its end, print it (JSON or summary), return an exit code."""
+    if wait:
+        run = await follow(client, run["id"], sys.stdout, quiet=args.json)
+    dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+    return 0 if run["status"] in ("succeeded", "running") else 1
+
+
 async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     base = args.server or env.get("WAVECHAIN_URL") or "http://127.0.0.1:8000"
     token = env.get("WAVECHAIN_API_TOKEN")
@@ -185,15 +195,11 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
         client = ApiClient(session, base)
         if args.command == "run":
             run = await client.create_run(_pipeline_arg(args.pipeline), dict(args.set))
-            if args.wait:
-                if not args.json:
-                    print(f"run {run['id']}: {run['pipeline']}")
-                run = await follow(client, run["id"], sys.stdout, quiet=args.json)
-            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
-            return 0 if run["status"] in ("succeeded", "running") else 1
+            if args.wait and not args.json:
+                print(f"run {run['id']}: {run['pipeline']}")
+            return await _show(client, run, args, wait=args.wait)
         if args.command == "status":
-            run = await client.get_run(args.run_id)
-            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+            await _show(client, await client.get_run(args.run_id), args)
             return 0
         if args.command == "runs":
             runs = await client.list_runs()
@@ -204,13 +210,9 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
             return 0
         if args.command == "retry":
             run = await client.retry(args.run_id, args.from_stage)
-            if args.wait:
-                run = await follow(client, run["id"], sys.stdout, quiet=args.json)
-            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
-            return 0 if run["status"] in ("succeeded", "running") else 1
+            return await _show(client, run, args, wait=args.wait)
         if args.command == "cancel":
-            run = await client.cancel(args.run_id)
-            dump(run, sys.stdout) if args.json else summary(run, sys.stdout)
+            await _show(client, await client.cancel(args.run_id), args)
             return 0
     raise AssertionError(args.command)
 

@@ -150,8 +150,9 @@ async def test_throttling_and_failures(
     failed = [results[i] for i in without if results[i]["status"] == "failed"]
     assert failed, "with a 30% failure rate some runs without retries should fail"
     for run in failed:
-        errors = [s["error"] for s in run["stages"] if s["status"] == "failed"]
-        assert errors == ["5003: model busy"]
+        # a and b run in parallel, so both may fail; each carries the provider's error.
+        errors = {s["error"] for s in run["stages"] if s["status"] == "failed"}
+        assert errors == {"5003: model busy"}
     counters = await emulator.counters()
     assert counters["submits_refused"] > 0 and counters["tasks_failed"] > 0
     print(f"\nsubmits refused {counters['submits_refused']}, tasks failed "
