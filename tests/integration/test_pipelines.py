@@ -311,11 +311,13 @@ async def test_cancel_then_late_callback(
             await asyncio.sleep(0.01)
     async with wc.http.post(f"{wc.base_url}/v1/runs/{run_id}/cancel") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
-    await asyncio.sleep(0.6)
+    store = wc.app[keys.ENGINE].store
+    async with asyncio.timeout(10):  # the late callback arrives about 0.3 s later
+        while not (deliveries := await store.deliveries(run_id)):
+            await asyncio.sleep(0.05)
     run = await wc.get_run(run_id)
     assert run["status"] == "cancelled" and {s["status"] for s in run["stages"]} == {"cancelled"}
-    effects = [d["effect"] for d in await wc.app[keys.ENGINE].store.deliveries(run_id)]
-    assert effects == ["no_effect"]
+    assert [d["effect"] for d in deliveries] == ["no_effect"]
     assert (await emulator.counters())["submits"] == 1
     async with wc.http.post(f"{wc.base_url}/v1/runs/{run_id}/cancel") as resp:
         assert resp.status == 200  # cancelling a cancelled run is idempotent
