@@ -15,6 +15,7 @@ import anyio
 import anyio.to_thread
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ConfigError, ProviderError, SpecError
@@ -63,7 +64,7 @@ async def context_and_errors(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-def require_token(token: Secret | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+def require_token(token: Secret | None) -> Middleware:
     """The REST API needs ``Authorization: Bearer <token>`` when one is configured."""
     expected = f"Bearer {token.reveal()}".encode() if token else None
 
@@ -90,7 +91,11 @@ def _provider_key(key: Secret | None, base_url: str, default: str, name: str) ->
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(middlewares=[context_and_errors, require_token(settings.api_token)])
+    # The token check is a layer only when a token is configured: no cost otherwise.
+    middlewares: list[Middleware] = [context_and_errors]
+    if settings.api_token is not None:
+        middlewares.append(require_token(settings.api_token))
+    app = web.Application(middlewares=middlewares)
     app[keys.SETTINGS] = settings
     app[keys.CLOCK] = clock
     app[keys.HEALTH] = keys.Health()
