@@ -115,7 +115,6 @@ class ModelRules:
     model_id: str
     kind: Kind
     params: Mapping[str, Param]
-    base64_output: bool = False
 
     def validate(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Check every known parameter; unknown ones are ignored, as the live API does."""
@@ -139,7 +138,6 @@ def _image_21_rules() -> ModelRules:
     return ModelRules(
         model_id="wavespeed-ai/hunyuan-image-2.1",
         kind="image",
-        base64_output=True,
         params={
             "prompt": Param(string(), required=True),
             "size": Param(size_range(256, 1536), default="1024*1024"),

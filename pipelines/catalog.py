@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 OutputKind = Literal["image", "video", "mesh"]
@@ -51,7 +51,6 @@ class ModelSpec:
     count_param: str | None = None
     title: str = ""
     price_usd: float | None = None
-    extensions: tuple[str, ...] = field(default=())
 
 
 def check_value(spec: ParamSpec, value: Any) -> str | None:

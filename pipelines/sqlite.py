@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
 _STOP = object()
 MAX_BATCH = 512
 

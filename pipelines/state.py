@@ -226,8 +226,6 @@ class Decision:
 class InvalidTransitionError(Exception):
     """An event that no valid history can produce (unknown stage, unscheduled attempt)."""
 
-    status_hint = 409
-
 
 # decide -------------------------------------------------------------------------------
 

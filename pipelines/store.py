@@ -626,15 +626,6 @@ class Store:
     async def drop_job(self, job: Job) -> None:
         await self._db.run(lambda conn: conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,)))
 
-    async def next_job_due(self) -> float | None:
-        def op(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(COALESCE(MAX(run_after, lease_until), run_after)) FROM jobs"
-            ).fetchone()
-            return None if row[0] is None else float(row[0])
-
-        return await self._db.run(op)
-
     async def stage_state(self, run_id: str, stage: str) -> tuple[str, StageState, bool]:
         """(model, stage state, run cancelled) for a job about to work on ``stage``."""
 

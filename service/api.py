@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from typing import Any
 
+import anyio.to_thread
 from aiohttp import web
 
 from pipelines import spec as specs
@@ -13,19 +15,27 @@ from pipelines.state import InvalidTransitionError
 from service import keys
 
 
+@functools.cache
 def example_names() -> list[str]:
     root = resources.files("pipelines") / "examples"
     return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_example(name: str) -> specs.Pipeline:
-    if name not in example_names():
-        raise SpecError(
-            f"pipeline: unknown pipeline {name!r} (known: {', '.join(example_names())}; "
-            "or send the spec inline as an object)"
-        )
+@functools.cache
+def _parsed_example(name: str) -> specs.Pipeline:
     text = (resources.files("pipelines") / "examples" / f"{name}.yaml").read_text("utf-8")
     return specs.parse_text(text, where=f"{name}.yaml", default_name=name)
+
+
+async def load_example(name: str) -> specs.Pipeline:
+    """A bundled example, read and parsed once, off the event loop."""
+    names = await anyio.to_thread.run_sync(example_names)
+    if name not in names:
+        raise SpecError(
+            f"pipeline: unknown pipeline {name!r} (known: {', '.join(names)}; "
+            "or send the spec inline as an object)"
+        )
+    return await anyio.to_thread.run_sync(_parsed_example, name)
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
@@ -45,7 +55,7 @@ async def create_run(request: web.Request) -> web.Response:
         raise SpecError(f"unknown fields {sorted(unknown)} (expected pipeline, inputs)")
     raw = body.get("pipeline")
     if isinstance(raw, str):
-        pipeline = load_example(raw)
+        pipeline = await load_example(raw)
     elif isinstance(raw, dict):
         pipeline = specs.parse(raw, where="inline pipeline")
     else:
@@ -106,8 +116,8 @@ async def retry_run(request: web.Request) -> web.Response:
 
 async def list_pipelines(request: web.Request) -> web.Response:
     out = []
-    for name in example_names():
-        pipeline = load_example(name)
+    for name in await anyio.to_thread.run_sync(example_names):
+        pipeline = await load_example(name)
         out.append({"name": name, "description": pipeline.description,
                     "stages": {n: s.model for n, s in pipeline.stages.items()}})  # fmt: skip
     return web.json_response({"pipelines": out})
