@@ -5,49 +5,27 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from pipelines import signing
-from tests.support.procs import free_port, wait_listening
+from tests.support.procs import free_port, running, serve_env
 
 SECRET = "whsec_YmVuY2gtc2VjcmV0LWtleQ=="
 PY = sys.executable
 REPEATS = 3
 
 
-@contextmanager
-def process(
-    args: list[str], port: int, log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=out, env={**os.environ, **(env or {})})
-    try:
-        wait_listening(port, proc, timeout=30)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def emulator(work: Path, *faults: str, latency: float = 0.0) -> tuple[str, Any]:
     port = free_port()
     fault_args = [a for f in faults for a in ("--fault", f)]
-    ctx = process(
+    ctx = running(
         [PY, "-m", "service.cli", "--log-level", "WARNING", "emulator", "--port", str(port),
          "--latency", str(latency), "--webhook-secret", SECRET, *fault_args],
         port, work / "emulator.log",
@@ -60,11 +38,8 @@ def serve(work: Path, emu: str, name: str, **env: str) -> tuple[str, Any]:
     db = work / f"{name}.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    full = {
-        "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-        "DATABASE_URL": f"sqlite:///{db}", "WAVESPEED_WEBHOOK_SECRETS": SECRET, **env,
-    }  # fmt: skip
-    ctx = process([PY, "-m", "service.cli", "--log-level", "WARNING", "serve"], port,
+    full = serve_env(emu, port, db, SECRET, **env)
+    ctx = running([PY, "-m", "service.cli", "--log-level", "WARNING", "serve"], port,
                   work / f"{name}.log", full)  # fmt: skip
     return f"http://127.0.0.1:{port}", ctx
 
@@ -130,9 +105,9 @@ def receiver(work: Path) -> dict[str, Any]:
             time.sleep(0.2)
         size = len(json.dumps(tasks[0]))
         with (
-            process([PY, "-m", "tests.bench.baseline_server", str(bare_port), "bare", SECRET],
+            running([PY, "-m", "tests.bench.baseline_server", str(bare_port), "bare", SECRET],
                     bare_port, work / "bare.log"),
-            process([PY, "-m", "tests.bench.baseline_server", str(verify_port), "verify", SECRET],
+            running([PY, "-m", "tests.bench.baseline_server", str(verify_port), "verify", SECRET],
                     verify_port, work / "verify.log"),
         ):  # fmt: skip
             for rep in range(REPEATS):

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.support.aws import sandbox
-from tests.support.procs import free_port, wavechain
+from tests.support.procs import free_port, serve_env, wavechain
 
 SECRET = "whsec_ZTJlLXNlY3JldC1rZXk="
 
@@ -37,10 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("stack")
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
-    env = {
-        "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-        "DATABASE_URL": f"sqlite:///{tmp}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
-    }  # fmt: skip
+    env = serve_env(emu, port, tmp / "state.db", SECRET)
     with (
         wavechain("emulator", "--port", str(emu_port), "--latency", "0.1",
                   "--webhook-secret", SECRET, port=emu_port, log=tmp / "emulator.log"),

@@ -11,7 +11,7 @@ from typing import Any
 import requests
 
 from tests.support.aws import sandbox
-from tests.support.procs import free_port, wavechain
+from tests.support.procs import free_port, serve_env, wavechain
 
 SECRET = "whsec_Y3Jhc2gtdGVzdA=="
 
@@ -31,12 +31,11 @@ def test_kill_9_mid_flight_loses_nothing(tmp_path: Path, moto_endpoint: str) -> 
     aws = sandbox(moto_endpoint)
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
-    env = {
-        "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-        "DATABASE_URL": f"sqlite:///{tmp_path}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
-        "S3_BUCKET": aws.bucket, "AWS_ENDPOINT_URL": moto_endpoint, "SNS_TOPIC_ARN": aws.topic_arn,
-        "JOB_LEASE_S": "2", "CALLBACK_TIMEOUT_S": "4", "RECONCILE_INTERVAL_S": "1",
-    }  # fmt: skip
+    env = serve_env(
+        emu, port, tmp_path / "state.db", SECRET,
+        S3_BUCKET=aws.bucket, AWS_ENDPOINT_URL=moto_endpoint, SNS_TOPIC_ARN=aws.topic_arn,
+        JOB_LEASE_S="2", CALLBACK_TIMEOUT_S="4", RECONCILE_INTERVAL_S="1",
+    )  # fmt: skip
     api = f"http://127.0.0.1:{port}"
     runs = 6
     with wavechain(
@@ -86,9 +85,9 @@ def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
     """SIGTERM: readiness turns false at once, in-flight work finishes, exit code 0."""
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
-    env = {"WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-           "DATABASE_URL": f"sqlite:///{tmp_path}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
-           "DRAIN_DELAY_S": "1", "SHUTDOWN_GRACE_S": "10"}  # fmt: skip
+    env = serve_env(
+        emu, port, tmp_path / "state.db", SECRET, DRAIN_DELAY_S="1", SHUTDOWN_GRACE_S="10"
+    )
     api = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with (

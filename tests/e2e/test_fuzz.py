@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipelines import signing
-from tests.support.procs import free_port, wavechain
+from tests.support.procs import free_port, serve_env, wavechain
 
 SECRET = "whsec_ZnV6ei1zZWNyZXQ="
 COUNT: dict[str, int] = {"webhook": 0, "api": 0}
@@ -26,10 +26,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("fuzz")
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
-    env = {
-        "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-        "DATABASE_URL": f"sqlite:///{tmp}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
-    }  # fmt: skip
+    env = serve_env(emu, port, tmp / "state.db", SECRET)
     with (
         wavechain("emulator", "--port", str(emu_port), "--fault", "drop_rate=1",
                   "--latency", "0.05", "--webhook-secret", SECRET, port=emu_port,

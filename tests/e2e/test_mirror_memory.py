@@ -9,7 +9,7 @@ from typing import Any
 import requests
 
 from tests.support.aws import moto_server, sandbox
-from tests.support.procs import free_port, wavechain
+from tests.support.procs import free_port, serve_env, wavechain
 
 SECRET = "whsec_bWVtb3J5LXRlc3Q="
 LARGE = 300 * 1024 * 1024
@@ -44,11 +44,10 @@ def test_large_output_mirrors_with_flat_memory(tmp_path: Path) -> None:
         aws = sandbox(endpoint)
         emu_port, port = free_port(), free_port()
         emu = f"http://127.0.0.1:{emu_port}"
-        env = {
-            "WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVECHAIN_PORT": str(port),
-            "DATABASE_URL": f"sqlite:///{tmp_path}/state.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET,
-            "S3_BUCKET": aws.bucket, "AWS_ENDPOINT_URL": endpoint,
-        }  # fmt: skip
+        env = serve_env(
+            emu, port, tmp_path / "state.db", SECRET,
+            S3_BUCKET=aws.bucket, AWS_ENDPOINT_URL=endpoint,
+        )  # fmt: skip
         with (
             wavechain("emulator", "--port", str(emu_port), "--latency", "0.05",
                       "--webhook-secret", SECRET, port=emu_port, log=tmp_path / "emu.log"),

@@ -34,15 +34,12 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
 
 
 @contextmanager
-def wavechain(
-    *args: str, port: int, log: Path, env: Mapping[str, str] | None = None
+def running(
+    args: list[str], port: int, log: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``wavechain ARGS`` (stdout+stderr to ``log``), stop it with SIGTERM on exit."""
-    full_env = {**os.environ, **(env or {})}
+    """Run ``args`` (stdout+stderr to ``log``) until it listens; SIGTERM it on exit."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args], stdout=out, stderr=out, env=full_env
-        )
+        proc = subprocess.Popen(args, stdout=out, stderr=out, env={**os.environ, **(env or {})})
     try:
         wait_listening(port, proc)
         yield proc
@@ -50,7 +47,26 @@ def wavechain(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def wavechain(
+    *args: str, port: int, log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``wavechain ARGS`` as a process (see ``running``)."""
+    with running([sys.executable, "-m", "service.cli", *args], port, log, env) as proc:
+        yield proc
+
+
+def serve_env(
+    emulator: str, port: int, db: Path | str, secret: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a `wavechain serve` wired to an emulator, on ``port``."""
+    return {
+        "WAVESPEED_BASE_URL": emulator, "AIMLAPI_BASE_URL": emulator, "WAVECHAIN_PORT": str(port),
+        "DATABASE_URL": f"sqlite:///{db}", "WAVESPEED_WEBHOOK_SECRETS": secret, **extra,
+    }  # fmt: skip
