@@ -1,9 +1,19 @@
 """Copy provider outputs into our S3 bucket, streaming, before the provider deletes them.
 
-Downloads go through aiohttp in chunks; uploads are S3 multipart in worker threads
-(boto3 is synchronous) under a capacity limiter, so memory stays at about two parts
-whatever the file size. Keys are deterministic, ``{prefix}runs/{run}/{stage}/{n}.{ext}``,
-and an object already there for the same task (with its sha256) is not fetched again.
+Downloads go through aiohttp in chunks; boto3 (synchronous) uploads in worker threads
+under a capacity limiter. Memory stays at a few MiB whatever the file size:
+
+- an output smaller than one part is read into memory and put in one request;
+- an output of known size, up to S3's 5 GiB single-request limit, streams straight from the
+  download into one ``PutObject`` (no multipart completion, which costs a second pass over
+  the bytes on some S3 implementations);
+- anything else (unknown size, or larger) goes up as multipart, one part at a time.
+
+Keys are deterministic, ``{prefix}runs/{run}/{stage}/{n}.{ext}``; the object's metadata
+names the run, stage, model and task, and its ``sha256`` tag is written once every byte is
+stored, so an object already there for the same task with that tag is not fetched again.
+The digest is a tag rather than metadata because metadata is fixed when an upload starts,
+and rewriting it needs a copy of the whole object (refused above 5 GiB).
 
 Errors: ``MirrorRejectedError`` is permanent (forbidden scheme or host, too large, the
 source answers 4xx); anything else (S3 or network trouble, 5xx) is worth retrying.
@@ -24,13 +34,19 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import anyio.from_thread
 import anyio.to_thread
-from anyio import CapacityLimiter
+from anyio import CapacityLimiter, EndOfStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipelines.errors import WavechainError
 
 T = TypeVar("T")
 PART_SIZE: Final = 8 * 1024 * 1024
+#: S3 takes at most 5 GiB in one PutObject.
+SINGLE_PUT_MAX: Final = 5 * 1024**3
+#: Chunks buffered between the download and a streaming upload.
+_PIPE_CHUNKS: Final = 4
 _READ: Final = 1024 * 1024
 _MAX_REDIRECTS: Final = 3
 EXTENSIONS: Final = {
@@ -66,6 +82,8 @@ class MirrorConfig:
     allowed_hosts: tuple[str, ...] = ()
     max_bytes: int = 2 * 1024**3
     part_size: int = PART_SIZE
+    #: Outputs of known size up to this go up in one streaming PutObject.
+    single_put_max: int = SINGLE_PUT_MAX
 
 
 def host_allowed(url: str, patterns: Sequence[str]) -> bool:
@@ -107,16 +125,18 @@ class S3Mirror:
             self._s3.list_objects_v2, Bucket=self.config.bucket, Prefix=f"{stem}.", MaxKeys=5
         )
         for item in listing.get("Contents", []):
-            head = await self._call(
-                self._s3.head_object, Bucket=self.config.bucket, Key=item["Key"]
-            )
-            meta = head.get("Metadata", {})
-            if task_id and meta.get("task-id") == task_id and meta.get("sha256"):
+            bucket, key = self.config.bucket, item["Key"]
+            head = await self._call(self._s3.head_object, Bucket=bucket, Key=key)
+            if not task_id or head.get("Metadata", {}).get("task-id") != task_id:
+                continue
+            tags = await self._call(self._s3.get_object_tagging, Bucket=bucket, Key=key)
+            sha = next((t["Value"] for t in tags["TagSet"] if t["Key"] == "sha256"), None)
+            if sha:
                 return MirroredObject(
-                    uri=f"s3://{self.config.bucket}/{item['Key']}",
-                    key=item["Key"],
+                    uri=f"s3://{bucket}/{key}",
+                    key=key,
                     size=int(head["ContentLength"]),
-                    sha256=meta["sha256"],
+                    sha256=sha,
                     content_type=head.get("ContentType", "application/octet-stream"),
                     reused=True,
                 )
@@ -139,7 +159,7 @@ class S3Mirror:
         digest = hashlib.sha256(data).hexdigest()
         await self._call(
             self._s3.put_object, Bucket=self.config.bucket, Key=key, Body=data,
-            ContentType=content_type, Metadata={**metadata, "sha256": digest},
+            ContentType=content_type, Metadata=dict(metadata), Tagging=_tagging(digest),
         )  # fmt: skip
         return MirroredObject(
             f"s3://{self.config.bucket}/{key}", key, len(data), digest, content_type
@@ -180,6 +200,9 @@ class S3Mirror:
                 )
             content_type = _content_type(url, resp.headers.get("Content-Type", ""))
             key = f"{stem}.{_extension(url, content_type)}"
+            length = resp.content_length
+            if length is not None and self.config.part_size <= length <= self.config.single_put_max:
+                return await self._stream_put(resp, key, length, content_type, metadata)
             return await self._stream(resp, key, content_type, metadata)
         finally:
             resp.release()
@@ -219,7 +242,7 @@ class S3Mirror:
             if upload_id is None:
                 await self._call(
                     self._s3.put_object, Bucket=bucket, Key=key, Body=bytes(buffer),
-                    ContentType=content_type, Metadata={**metadata, "sha256": sha},
+                    ContentType=content_type, Metadata=dict(metadata), Tagging=_tagging(sha),
                 )  # fmt: skip
             else:
                 if buffer:
@@ -230,17 +253,62 @@ class S3Mirror:
                     UploadId=upload_id, MultipartUpload={"Parts": parts},
                 )  # fmt: skip
                 upload_id = None
-                # S3 fixes metadata when an upload starts; the digest is known only now.
-                await self._call(
-                    self._s3.copy_object, Bucket=bucket, Key=key,
-                    CopySource={"Bucket": bucket, "Key": key}, ContentType=content_type,
-                    Metadata={**metadata, "sha256": sha}, MetadataDirective="REPLACE",
-                )  # fmt: skip
+                await self._tag(key, sha)
         except BaseException:
             if upload_id is not None:
                 await self._abort(key, upload_id)
             raise
         return MirroredObject(f"s3://{bucket}/{key}", key, size, sha, content_type)
+
+    async def _stream_put(
+        self,
+        resp: aiohttp.ClientResponse,
+        key: str,
+        length: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> MirroredObject:
+        """Pipe the download into one PutObject: a task feeds chunks, a thread sends them."""
+        digest = hashlib.sha256()
+        send, receive = anyio.create_memory_object_stream[bytes](_PIPE_CHUNKS)
+        failed: list[Exception] = []
+
+        async def pump() -> None:
+            async with send:
+                try:
+                    async for chunk in resp.content.iter_chunked(_READ):
+                        digest.update(chunk)
+                        await send.send(chunk)
+                except Exception as exc:  # re-raised below, once the upload has stopped
+                    failed.append(exc)
+
+        body = _PipeReader(receive, length)
+        upload_error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            try:
+                await self._call(
+                    self._s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
+                    ContentLength=length, ContentType=content_type, Metadata=dict(metadata),
+                )  # fmt: skip
+            except Exception as exc:  # raised outside the task group, unwrapped
+                upload_error = exc
+            finally:
+                tg.cancel_scope.cancel()
+                receive.close()
+        if failed:  # the download's own error explains the upload's
+            raise failed[0] from None
+        if upload_error is not None:
+            raise upload_error
+        sha = digest.hexdigest()
+        await self._tag(key, sha)
+        return MirroredObject(f"s3://{self.config.bucket}/{key}", key, length, sha, content_type)
+
+    async def _tag(self, key: str, sha: str) -> None:
+        await self._call(
+            self._s3.put_object_tagging, Bucket=self.config.bucket, Key=key,
+            Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]},
+        )  # fmt: skip
 
     async def _part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
         answer = await self._call(
@@ -264,6 +332,47 @@ class S3Mirror:
             Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s,
         )  # fmt: skip
         return url
+
+
+class MirrorSourceError(WavechainError):
+    """The output's download ended early; worth retrying."""
+
+
+class _PipeReader:
+    """A file-like body for boto3 in a worker thread, fed with chunks by the event loop.
+
+    ``len()`` is the declared size, so botocore sends Content-Length (or, over TLS, the
+    decoded length of a trailer-checksummed body) without seeking. A source that ends
+    early raises instead of sending a short body the server would wait on.
+    """
+
+    def __init__(self, chunks: MemoryObjectReceiveStream[bytes], length: int) -> None:
+        self._chunks = chunks
+        self._length = length
+        self._read = 0
+        self._view = memoryview(b"")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int | None = -1) -> bytes:
+        if not self._view:
+            try:
+                self._view = memoryview(anyio.from_thread.run(self._chunks.receive))
+            except (EndOfStream, anyio.ClosedResourceError):
+                if self._read != self._length:
+                    raise MirrorSourceError(
+                        f"output download ended at {self._read} of {self._length} bytes"
+                    ) from None
+                return b""
+        take = len(self._view) if size is None or size < 0 else size
+        out, self._view = self._view[:take], self._view[take:]
+        self._read += len(out)
+        return bytes(out)
+
+
+def _tagging(sha: str) -> str:
+    return f"sha256={sha}"
 
 
 def _content_type(url: str, header: str) -> str:

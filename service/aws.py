@@ -38,8 +38,18 @@ def make_clients(settings: Settings) -> AwsClients:
             "aws_access_key_id": key.reveal() if key else "local",
             "aws_secret_access_key": secret.reveal() if secret else "local",
         }
+    s3_kwargs = dict(kwargs)
+    if (settings.aws_endpoint_url or "").startswith("http://"):
+        # The mirror streams a download straight into PutObject, so the body can be read
+        # only once. Over TLS botocore sends such a body unsigned with a trailing checksum;
+        # over plain HTTP it would read the body first to sign and checksum it. There,
+        # send it unsigned and without the optional checksum.
+        s3_kwargs["config"] = config.merge(
+            Config(request_checksum_calculation="when_required",
+                   s3={"payload_signing_enabled": False})
+        )  # fmt: skip
     return AwsClients(
-        s3=session.client("s3", **kwargs),
+        s3=session.client("s3", **s3_kwargs),
         sns=session.client("sns", **kwargs),
         sqs=session.client("sqs", **kwargs),
     )

@@ -1,6 +1,6 @@
 """One mirror of one URL in a fresh process; prints seconds and peak-RSS growth as JSON.
 
-Usage: python -m tests.bench.mirror_worker stream|memory URL ENDPOINT BUCKET KEY
+Usage: python -m tests.bench.mirror_worker stream|multipart|memory URL ENDPOINT BUCKET KEY
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import anyio
 
-from pipelines.mirror import MirrorConfig, S3Mirror
-from tests.support.aws import clients
+from pipelines.mirror import SINGLE_PUT_MAX, MirrorConfig, S3Mirror
+from service.aws import make_clients
+from service.settings import Settings
 
 
 def peak_mib() -> float:
@@ -26,13 +27,16 @@ def peak_mib() -> float:
 
 
 async def main(mode: str, url: str, endpoint: str, bucket: str, key: str) -> dict[str, float]:
-    s3, _, _ = clients(endpoint)
+    s3 = make_clients(Settings(aws_endpoint_url=endpoint)).s3  # as `serve` builds it
     s3.head_bucket(Bucket=bucket)  # warm the client before the baseline reading
     async with aiohttp.ClientSession() as session:
         before = peak_mib()
         started = time.perf_counter()
-        if mode == "stream":
-            config = MirrorConfig(bucket=bucket, allowed_hosts=("127.0.0.1",), max_bytes=2**34)
+        if mode in ("stream", "multipart"):
+            config = MirrorConfig(
+                bucket=bucket, allowed_hosts=("127.0.0.1",), max_bytes=2**34,
+                single_put_max=0 if mode == "multipart" else SINGLE_PUT_MAX,
+            )  # fmt: skip
             mirror = S3Mirror(s3, session, config, limiter=anyio.CapacityLimiter(4))
             done = await mirror.copy(url, stem=key, metadata={"task-id": key})
             size = done.size

@@ -13,10 +13,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import anyio
 import pytest
+from aiohttp import web
 from PIL import Image
 
-from pipelines.mirror import MirrorConfig, MirrorRejectedError, S3Mirror
+from pipelines.mirror import MirrorConfig, MirrorRejectedError, MirrorSourceError, S3Mirror
 from service import keys
+from service.aws import make_clients
+from service.settings import Settings
 from tests.conftest import EmulatorFactory
 from tests.integration.conftest import Wavechain, WavechainFactory
 from tests.support.aws import AwsSandbox
@@ -63,8 +66,9 @@ async def test_outputs_land_in_s3_with_type_and_metadata(
         meta = objects[key]["Metadata"]
         assert meta == {
             "run-id": run["id"], "stage": name, "model": stage["model"],
-            "task-id": stage["task_id"], "sha256": hashlib.sha256(stored).hexdigest(),
+            "task-id": stage["task_id"],
         }  # fmt: skip
+        assert aws.sha256_tag(key) == hashlib.sha256(stored).hexdigest()
 
 
 async def test_downstream_gets_presigned_url_of_mirror(
@@ -171,11 +175,12 @@ async def test_output_over_size_cap_fails_stage(
 
 @pytest.fixture
 async def mirror(aws: AwsSandbox):
+    s3 = make_clients(Settings(aws_endpoint_url=aws.endpoint)).s3  # configured as in `serve`
     async with aiohttp.ClientSession() as session:
 
         def make(**config: Any) -> S3Mirror:
             cfg = MirrorConfig(bucket=aws.bucket, **{"allowed_hosts": ("127.0.0.1",), **config})
-            return S3Mirror(aws.s3, session, cfg, limiter=anyio.CapacityLimiter(4))
+            return S3Mirror(s3, session, cfg, limiter=anyio.CapacityLimiter(4))
 
         yield make
 
@@ -222,22 +227,65 @@ async def test_mirror_decodes_base64(mirror: Any, aws: AwsSandbox) -> None:
         assert stored["Body"].read() == buf.getvalue()
 
 
-async def test_multipart_for_large_output(
-    mirror: Any, make_emulator: EmulatorFactory, aws: AwsSandbox
-) -> None:
-    """A 20 MiB output goes up in 5 MiB parts and still carries its sha256 and type."""
-    emulator = await make_emulator(large_output_bytes=20 * 1024 * 1024)
+async def _large_output(make_emulator: EmulatorFactory, size: int) -> tuple[str, bytes]:
+    emulator = await make_emulator(large_output_bytes=size)
     async with emulator.http.post(
         f"{emulator.base_url}/api/v3/{T2V}", json={"prompt": "x", "enable_sync_mode": True}
     ) as resp:
         url = (await resp.json())["data"]["outputs"][0]
     _, _, body = await emulator.fetch(url)
-    got = await mirror(part_size=5 * 1024 * 1024).copy(url, stem="c/0", metadata={"task-id": "t"})
+    return url, body
+
+
+@pytest.mark.parametrize("single_put_max", [0, 64 * 1024 * 1024], ids=["multipart", "one-put"])
+async def test_large_output_streams_up(
+    mirror: Any, make_emulator: EmulatorFactory, aws: AwsSandbox, single_put_max: int
+) -> None:
+    """A 20 MiB output, as 5 MiB parts or one streamed PutObject: bytes, type, sha256 tag."""
+    url, body = await _large_output(make_emulator, 20 * 1024 * 1024)
+    m = mirror(part_size=5 * 1024 * 1024, single_put_max=single_put_max)
+    got = await m.copy(url, stem="c/0", metadata={"task-id": "t"})
     head = aws.s3.head_object(Bucket=aws.bucket, Key="c/0.mp4")
     assert got.size == len(body) == head["ContentLength"]
-    assert head["Metadata"]["sha256"] == hashlib.sha256(body).hexdigest()
-    assert head["ContentType"] == "video/mp4"
+    assert got.sha256 == aws.sha256_tag("c/0.mp4") == hashlib.sha256(body).hexdigest()
+    assert aws.s3.get_object(Bucket=aws.bucket, Key="c/0.mp4")["Body"].read() == body
+    assert head["ContentType"] == "video/mp4" and head["Metadata"] == {"task-id": "t"}
+    multipart = head["ETag"].strip('"').endswith("-4")
+    assert multipart == (single_put_max == 0)
     assert aws.s3.list_multipart_uploads(Bucket=aws.bucket).get("Uploads", []) == []
+    again = await m.copy(url, stem="c/0", metadata={"task-id": "t"})
+    assert again.reused and again.sha256 == got.sha256
+
+
+async def test_source_ending_early_fails_the_streamed_put(mirror: Any, aws: AwsSandbox) -> None:
+    """A download cut short mid-stream fails the copy (retryable) and stores nothing."""
+    declared, sent = 20 * 1024 * 1024, 6 * 1024 * 1024
+
+    async def cut_short(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        resp.content_length = declared
+        await resp.prepare(request)
+        await resp.write(b"\0" * sent)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/out.mp4", cut_short)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        with pytest.raises((aiohttp.ClientPayloadError, MirrorSourceError)) as caught:
+            await mirror().copy(
+                f"http://127.0.0.1:{port}/out.mp4", stem="d/0", metadata={"task-id": "t"}
+            )
+        assert not isinstance(caught.value, MirrorRejectedError)  # worth retrying
+    finally:
+        await runner.cleanup()
+    assert aws.objects() == {}
 
 
 # Faults ----------------------------------------------------------------------------------

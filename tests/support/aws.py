@@ -74,6 +74,10 @@ class AwsSandbox:
                     QueueUrl=queue_url or self.queue_url, ReceiptHandle=m["ReceiptHandle"]
                 )
 
+    def sha256_tag(self, key: str) -> str | None:
+        tags = self.s3.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
+        return next((t["Value"] for t in tags if t["Key"] == "sha256"), None)
+
     def objects(self) -> dict[str, dict[str, Any]]:
         listing = self.s3.list_objects_v2(Bucket=self.bucket).get("Contents", [])
         return {o["Key"]: self.s3.head_object(Bucket=self.bucket, Key=o["Key"]) for o in listing}
