@@ -2,11 +2,14 @@
 
 Every file is derived from ``material`` (bytes hashed from the request: model,
 prompt, seed, and any input image), so the same request yields the same bytes.
-Images via Pillow, MP4 (H.264, 2 fps) via PyAV, binary glTF via pygltflib.
+Images via Pillow, MP4 (H.264, 2 fps) via PyAV, binary glTF via pygltflib. Renders are
+pure functions of their arguments and memoised (a few recent ones), so a load of identical
+requests, as in the pipeline benchmark, costs the emulator one render per kind.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import struct
@@ -17,6 +20,7 @@ import pygltflib
 from PIL import Image, ImageDraw, ImageOps
 
 VIDEO_FPS: Final = 2
+_RECENT: Final = 16
 CONTENT_TYPES: Final = {
     "jpeg": "image/jpeg",
     "png": "image/png",
@@ -66,6 +70,7 @@ def _decode(image_bytes: bytes | None) -> Image.Image | None:
     return image
 
 
+@functools.lru_cache(maxsize=_RECENT)
 def render_image(width: int, height: int, fmt: str, material: bytes) -> bytes:
     buf = io.BytesIO()
     pillow_format = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
@@ -74,6 +79,7 @@ def render_image(width: int, height: int, fmt: str, material: bytes) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=_RECENT)
 def render_video(
     width: int, height: int, duration_s: int, material: bytes, first_frame: bytes | None = None
 ) -> bytes:
@@ -108,6 +114,7 @@ _CUBE_INDICES: Final = [
 ]  # fmt: skip
 
 
+@functools.lru_cache(maxsize=_RECENT)
 def render_mesh(material: bytes, texture: bytes | None = None) -> bytes:
     """A binary glTF 2.0 cube, vertex-coloured from ``material``, embedding the input image."""
     colours = _palette(material)

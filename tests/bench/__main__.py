@@ -15,12 +15,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.bench import benches
+from tests.bench import benches, pipeline
 
 HERE = Path(__file__).parent
 ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
     "receiver": benches.receiver,
     "handoff": benches.handoff,
+    "pipeline": pipeline.pipeline,
     "mirror": benches.mirror,
     "events": benches.events,
 }
