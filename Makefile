@@ -36,7 +36,13 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The receiver benchmark drives load with wrk (Debian's package) where it can install it;
+# without it, it falls back to its own aiohttp load generator and says so in the table.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get install -y -qq wrk || { apt-get update -qq && apt-get install -y -qq wrk; }; } \
+		>/dev/null 2>&1; } \
+		|| echo "note: wrk not installed; the receiver benchmark uses its aiohttp load generator"
 	$(BIN)/python -m tests.bench
 
 clean:
