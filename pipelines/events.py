@@ -139,26 +139,35 @@ class OutboxRelay:
         """
         pending = await self._store.pending_events(limit=2000)
         sent_any = False
-        while pending:
-            wave = next_batch(pending, limit=_BATCH * self._parallel)
-            answers = await asyncio.gather(
-                *(
-                    self._publisher.publish(wave[i : i + _BATCH])
-                    for i in range(0, len(wave), _BATCH)
+        # Marking a wave sent overlaps the next wave's publishing (one mark in flight at a
+        # time): order per run depends on what was published, which `pending` tracks here.
+        marking: asyncio.Task[None] | None = None
+        try:
+            while pending:
+                wave = next_batch(pending, limit=_BATCH * self._parallel)
+                answers = await asyncio.gather(
+                    *(
+                        self._publisher.publish(wave[i : i + _BATCH])
+                        for i in range(0, len(wave), _BATCH)
+                    )
                 )
-            )
-            sent = [seq for ok, _ in answers for seq in ok]
-            failed = [seq for _, bad in answers for seq in bad]
-            if sent:
-                await self._store.mark_sent(sent, now=self._clock())
-                self.published += len(sent)
-                sent_any = True
-            if failed:
-                await self._store.mark_failed(failed)
-                log.warning("events.entries_failed", count=len(failed))
-            failed_set, done = set(failed), set(sent)
-            blocked = {r.run_id for r in wave if r.seq in failed_set}
-            pending = [r for r in pending if r.seq not in done and r.run_id not in blocked]
-            if failed and not sent:
-                break
+                sent = [seq for ok, _ in answers for seq in ok]
+                failed = [seq for _, bad in answers for seq in bad]
+                if sent:
+                    if marking is not None:
+                        await marking
+                    marking = asyncio.ensure_future(self._store.mark_sent(sent, now=self._clock()))
+                    self.published += len(sent)
+                    sent_any = True
+                if failed:
+                    await self._store.mark_failed(failed)
+                    log.warning("events.entries_failed", count=len(failed))
+                failed_set, done = set(failed), set(sent)
+                blocked = {r.run_id for r in wave if r.seq in failed_set}
+                pending = [r for r in pending if r.seq not in done and r.run_id not in blocked]
+                if failed and not sent:
+                    break
+        finally:
+            if marking is not None:
+                await marking
         return sent_any

@@ -26,7 +26,6 @@ def make_clients(settings: Settings) -> AwsClients:
         read_timeout=60,
         # Our jobs retry with their own backoff; botocore only smooths over blips.
         retries={"max_attempts": 2, "mode": "standard"},
-        signature_version="s3v4",
     )
     kwargs: dict[str, Any] = {"config": config}
     if settings.aws_endpoint_url:
@@ -38,13 +37,14 @@ def make_clients(settings: Settings) -> AwsClients:
             "aws_access_key_id": key.reveal() if key else "local",
             "aws_secret_access_key": secret.reveal() if secret else "local",
         }
-    s3_kwargs = dict(kwargs)
+    # SigV4 for S3 too (presigned URLs included); SNS and SQS sign with SigV4 by default.
+    s3_kwargs = kwargs | {"config": config.merge(Config(signature_version="s3v4"))}
     if (settings.aws_endpoint_url or "").startswith("http://"):
         # The mirror streams a download straight into PutObject, so the body can be read
         # only once. Over TLS botocore sends such a body unsigned with a trailing checksum;
         # over plain HTTP it would read the body first to sign and checksum it. There,
         # send it unsigned and without the optional checksum.
-        s3_kwargs["config"] = config.merge(
+        s3_kwargs["config"] = s3_kwargs["config"].merge(
             Config(request_checksum_calculation="when_required",
                    s3={"payload_signing_enabled": False})
         )  # fmt: skip
