@@ -287,7 +287,9 @@ class Engine:
         try:
             for n, output in enumerate(stage.outputs):
                 stem = self._mirror.key_stem(job.run_id, job.stage, n)
-                copied = await self._mirror.copy(output, stem=stem, metadata=metadata)
+                copied = await self._mirror.copy(
+                    output, stem=stem, metadata=metadata, first_try=job.tries == 1
+                )
                 uris.append(copied.uri)
                 log.info(
                     "output.mirrored", key=copied.key, size=copied.size,

@@ -111,9 +111,15 @@ class S3Mirror:
     def key_stem(self, run_id: str, stage: str, n: int) -> str:
         return f"{self.config.prefix}runs/{run_id}/{stage}/{n}"
 
-    async def copy(self, source: str, *, stem: str, metadata: Mapping[str, str]) -> MirroredObject:
-        """Mirror one output (a URL, or inline base64) to ``{stem}.{ext}``."""
-        if existing := await self._existing(stem, metadata.get("task-id", "")):
+    async def copy(
+        self, source: str, *, stem: str, metadata: Mapping[str, str], first_try: bool = False
+    ) -> MirroredObject:
+        """Mirror one output (a URL, or inline base64) to ``{stem}.{ext}``.
+
+        ``first_try``: no earlier try of this copy can have stored anything, so the lookup
+        of an object already there is skipped (one S3 request less per output).
+        """
+        if not first_try and (existing := await self._existing(stem, metadata.get("task-id", ""))):
             return existing
         if not source.startswith(("http://", "https://")):
             return await self._copy_inline(source, stem=stem, metadata=metadata)

@@ -202,6 +202,10 @@ async def test_mirror_is_idempotent(
     assert not first.reused and second.reused and first.sha256 == second.sha256
     assert list(aws.objects()) == ["runs/r/s/0.jpeg"]
     assert (await emulator.counters())["media_downloads"] == 1
+    # A job's first try skips the lookup (nothing can be there yet): it copies again.
+    third = await m.copy(url, stem="runs/r/s/0", metadata=meta, first_try=True)
+    assert not third.reused and third.sha256 == first.sha256
+    assert (await emulator.counters())["media_downloads"] == 2
 
 
 async def test_mirror_refuses_other_hosts_and_schemes(mirror: Any) -> None:
