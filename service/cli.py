@@ -20,7 +20,7 @@ from aiohttp import web
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
 from service import keys
-from service.app import create_app
+from service.app import AccessLog, create_app
 from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
 from service.demo import run_demo
@@ -245,7 +245,10 @@ async def serve_until_signal(settings: Settings) -> None:
     and workers finish their jobs within the same grace before the process exits.
     """
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s)
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s,
+        access_log_class=AccessLog,
+    )  # fmt: skip
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
     stop = asyncio.Event()

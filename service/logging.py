@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -22,15 +24,27 @@ _WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
 REDACTED = "[redacted]"
 
 
+# Every pattern above needs one of these; most values (ids, statuses) have none, and one
+# search is far cheaper than four substitutions.
+_MAY_HOLD_SECRET = re.compile(r"=|/webhooks/|bearer|whsec_", re.I)
+
+
 def scrub(text: str) -> str:
+    if _MAY_HOLD_SECRET.search(text) is None:
+        return text
     text = _URL_SECRETS.sub(rf"\1{REDACTED}", text)
     text = _WEBHOOK_TOKEN.sub(rf"\1{REDACTED}", text)
     text = _BEARER.sub(rf"\1{REDACTED}", text)
     return _WHSEC.sub(REDACTED, text)
 
 
+@functools.lru_cache(maxsize=4096)
+def _secret_key(key: str) -> bool:
+    return _SECRET_KEYS.search(key) is not None
+
+
 def _clean(key: str, value: Any) -> Any:
-    if _SECRET_KEYS.search(key):
+    if _secret_key(key):
         return REDACTED
     if isinstance(value, str):
         return scrub(value)
@@ -49,9 +63,37 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+class _StderrLogger:
+    """structlog's output for our own events: one finished line to the current
+    ``sys.stderr``, under the same lock as the stdlib handler, so lines from threads
+    (boto's, the SQLite writer's) never interleave."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str = "wavechain") -> None:
+        self.name = name  # read by add_logger_name
+
+    def msg(self, message: str) -> None:
+        with _LOCK:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
+    debug = info = warning = warn = error = err = critical = fatal = exception = log = msg
+
+
+_LOCK = threading.RLock()
+
+
 def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
+    """Our events go straight from structlog's processors to stderr (no stdlib record per
+    line); other libraries' stdlib records (aiohttp, botocore) get the same processors
+    through a ProcessorFormatter. Both write the same JSON (or console) lines."""
     if json is None:
         json = not sys.stderr.isatty()
+    levels = logging.getLevelNamesMapping()
+    if level.upper() not in levels:
+        raise ValueError(f"unknown log level {level!r}")
+    threshold = levels[level.upper()]
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -62,17 +104,14 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
         redact,
     ]
     structlog.configure(
-        # Drop records below the level before any processor spends time on them.
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, renderer],
+        # Calls below the level return at once, before any processor runs.
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.lock = _LOCK
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # Extras (aiohttp's request line, headers) first, so redaction sees them too.
@@ -80,8 +119,12 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    # Our renderer never prints the caller's file and line, thread or process: don't have
+    # every record look them up (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(threshold)
     # botocore at DEBUG prints request signatures; keep it quieter than ours.
     logging.getLogger("botocore").setLevel(max(logging.INFO, root.level))
