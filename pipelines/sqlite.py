@@ -1,7 +1,8 @@
 """Group-committed SQLite: one writer thread, one transaction per batch of operations.
 
-Operations are plain functions of a ``sqlite3.Connection``. Whatever is queued while
-a commit is in progress runs in the next transaction, each inside its own
+Operations are plain functions of a ``sqlite3.Connection``. Those queued in one turn of
+the event loop reach the writer together, and whatever is queued while a commit is in
+progress runs in the next transaction, each inside its own
 SAVEPOINT so one failure rolls back only itself. Callers are answered only after
 the COMMIT that holds their work has returned: durable before acknowledged, at
 one fsync per batch instead of one per operation.
@@ -29,6 +30,7 @@ class GroupCommitter:
         self._schema = schema
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -53,8 +55,18 @@ class GroupCommitter:
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((op, future, loop))
+        # Operations queued during one turn of the loop go to the writer together, at the
+        # end of the turn: under load that is one wake-up and one transaction for all of
+        # them, where handing each over at once would wake the writer for every one.
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append((op, future, loop))
         return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put(self._pending.pop(loop))
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -79,7 +91,7 @@ class GroupCommitter:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                batch = [first]
+                batch = list(first)
                 while len(batch) < MAX_BATCH:
                     try:
                         item = self._queue.get_nowait()
@@ -88,7 +100,7 @@ class GroupCommitter:
                     if item is _STOP:
                         self._queue.put(_STOP)
                         break
-                    batch.append(item)
+                    batch.extend(item)
                 self._run_batch(conn, batch)
         finally:
             conn.close()

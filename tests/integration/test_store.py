@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,34 @@ async def test_state_survives_reopen(tmp_path: Path) -> None:
     run = await second.get_run(run_id)
     await second.close()
     assert run is not None and run.inputs == {"k": 1} and run.stages[0].attempt == 1
+
+
+async def test_operations_of_one_loop_turn_share_one_commit(tmp_path: Path) -> None:
+    """What callers queue in one turn of the loop goes to the writer as one transaction;
+    a failing operation rolls back only itself and its caller gets the error."""
+    import sqlite3
+
+    from pipelines.sqlite import GroupCommitter
+
+    db = GroupCommitter(str(tmp_path / "g.db"), schema="CREATE TABLE t (x INTEGER UNIQUE);")
+    db.start()
+    try:
+
+        def insert(x: int):
+            return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (x,)).rowcount
+
+        async def late(x: int) -> int:
+            time.sleep(0.05)  # noqa: ASYNC251 (blocks on purpose: same turn, writer idle)
+            return await db.run(insert(x))
+
+        results = await asyncio.gather(
+            *(db.run(insert(i)) for i in range(99)), late(99), db.run(insert(5)),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert results[:100] == [1] * 100
+        assert isinstance(results[100], sqlite3.IntegrityError)
+        assert (db.batches, db.operations) == (1, 101)
+        count = await db.run(lambda conn: conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+        assert count == 100 and db.batches == 2
+    finally:
+        db.stop()
