@@ -33,3 +33,19 @@ def test_nested_values_are_scrubbed() -> None:
                  "list": ["whsec_c2VjcmV0"]})  # fmt: skip
     assert "AbCdEfGhIjKlMnOp123" not in str(out) and "Bearer k" not in str(out)
     assert "c2VjcmV0" not in str(out)
+
+
+def test_every_value_type_under_a_secret_key_is_dropped_and_others_kept() -> None:
+    """Numbers, None and booleans under secret-like keys go too; plain values stay as they are."""
+    event = {"event": "x", "token": None, "api_key": 42, "secret": True, "count": 3,
+             "ok": False, "route": "/webhooks/wavespeed/{token}", "ratio": 0.5}  # fmt: skip
+    out = redact(None, "info", event)
+    assert out["token"] == out["api_key"] == out["secret"] == REDACTED
+    assert (out["count"], out["ok"], out["ratio"]) == (3, False, 0.5)
+    assert out["route"] == "/webhooks/wavespeed/{token}"
+
+
+def test_scrub_matches_credentials_whatever_their_case() -> None:
+    assert scrub("auth: BEARER sk-live-123") == f"auth: BEARER {REDACTED}"
+    assert scrub("GET /k?x-amz-signature=deadbeef") == f"GET /k?x-amz-signature={REDACTED}"
+    assert scrub("msg_b1234 a8c3b0f1e2d34c5b") == "msg_b1234 a8c3b0f1e2d34c5b"
