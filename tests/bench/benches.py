@@ -512,9 +512,10 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "thread adds about 100 µs of Python per delivery (look up the attempt, record the",
             "delivery, load the run, decide, mark the effect), which cannot overlap the loop's",
             "Python. Group commit is not the limit: operations of one loop turn share one",
-            "transaction, the writer wakes about once per 7 deliveries, fsync is 0.2 ms here.",
-            "Per-request logging at INFO costs two lines of about 27 µs each. Repetitions on",
-            "this shared machine vary by up to 40%; compare CPU per request and the ratios.",
+            "transaction, the writer wakes about once per 7 deliveries, fsync is 0.3 ms here.",
+            "The two INFO lines per delivery cost the difference between the INFO and",
+            "WARNING rows' loop CPU. Repetitions on this shared machine vary by up to 40%;",
+            "compare CPU per request and the ratios.",
             "",
         ]
     if "handoff" in results:
