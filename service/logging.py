@@ -66,13 +66,12 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     """Drop values under secret-looking keys; scrub credentials out of every string, nested
     values included."""
     for key, value in list(event_dict.items()):
-        if value.__class__ is str and not _secret_key(key):  # the common case, inline
-            event_dict[key] = scrub(value)
-        elif value is not None and value.__class__ not in (int, float, bool):
-            event_dict[key] = _clean(key, value)
-        elif _secret_key(key):
-            event_dict[key] = REDACTED
+        if _secret_key(key) or isinstance(value, str | dict | list | tuple):
+            event_dict[key] = _clean(key, value)  # numbers, None, booleans stay as they are
     return event_dict
+
+
+_LOCK = threading.RLock()
 
 
 class _StderrLogger:
@@ -91,9 +90,6 @@ class _StderrLogger:
             sys.stderr.flush()
 
     debug = info = warning = warn = error = err = critical = fatal = exception = log = msg
-
-
-_LOCK = threading.RLock()
 
 
 def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:

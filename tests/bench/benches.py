@@ -52,9 +52,14 @@ def serve(work: Path, emu: str, name: str, level: str = "INFO", **env: str) -> t
     return f"http://127.0.0.1:{port}", ctx
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_cpu(stat: Path) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -128,11 +133,9 @@ def _load(path: Path, seconds: float, connections: int = 64) -> dict[str, Any]:
 
 def _thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of ``pid``, by thread id."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
+    return {
+        int(task.name): _stat_cpu(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir()
+    }
 
 
 def _load_measured(path: Path, seconds: float, pid: int) -> dict[str, Any]:
@@ -155,7 +158,7 @@ def _load_measured(path: Path, seconds: float, pid: int) -> dict[str, Any]:
 RECEIVER_TARGETS = ("bare", "verify", "wavechain", "wavechain_quiet")
 
 
-def _seed_runs(api: str, emu: str, count: int) -> None:
+def _seed_runs(api: str, count: int) -> None:
     prompt = "A ceramic fox figurine on a wooden desk, soft morning light. " * 14
     spec: Any = {"stages": {"v": {"model": "wavespeed-ai/hunyuan-video/t2v",
                              "input": {"prompt": prompt}}}}  # fmt: skip
@@ -173,8 +176,8 @@ def receiver(work: Path) -> dict[str, Any]:
     bare_port, verify_port = free_port(), free_port()
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in RECEIVER_TARGETS}
     with emu_ctx, serve_ctx as server, quiet_ctx as quiet:
-        _seed_runs(api, emu, runs)
-        _seed_runs(quiet_api, emu, runs)
+        _seed_runs(api, runs)
+        _seed_runs(quiet_api, runs)
         deadline = time.monotonic() + 60
         while True:
             tasks = requests.get(f"{emu}/_emulator/tasks", timeout=30).json()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import anyio
@@ -17,13 +17,11 @@ import anyio
 from pipelines.mirror import SINGLE_PUT_MAX, MirrorConfig, S3Mirror
 from service.aws import make_clients
 from service.settings import Settings
+from tests.bench.benches import rss_mib
 
 
 def peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_mib(os.getpid(), "VmHWM")
 
 
 async def main(mode: str, url: str, endpoint: str, bucket: str, key: str) -> dict[str, float]:
