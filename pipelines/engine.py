@@ -189,7 +189,9 @@ class Engine:
                 self._wake.set()
 
     async def _submit(self, job: Job) -> None:
-        ctx = await self.store.submit_context(job)
+        ctx = job.context
+        if ctx is None:  # claim_jobs reads it for every submit job
+            raise RuntimeError(f"submit job {job.id} was claimed without its context")
         stage = ctx.stage
         if ctx.cancelled or stage.attempt != job.attempt or stage.status is not StageStatus.PENDING:
             await self.store.drop_job(job)

@@ -6,6 +6,11 @@ progress runs in the next transaction, each inside its own
 SAVEPOINT so one failure rolls back only itself. Callers are answered only after
 the COMMIT that holds their work has returned: durable before acknowledged, at
 one fsync per batch instead of one per operation.
+
+An operation whose loss in a power cut would be harmless (a lease: lost, the job is
+simply claimed again) can say so with ``durable=False``. A batch made only of such
+operations commits without waiting for the disk (``synchronous=NORMAL`` in WAL mode); the
+next durable commit's fsync covers its pages too, as the WAL is one file written in order.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ class GroupCommitter:
     def __init__(self, path: str, *, schema: str, synchronous: str = "FULL") -> None:
         self._path = path
         self._schema = schema
-        self._synchronous = synchronous
+        self._synchronous = synchronous.upper()
+        # A batch of non-durable operations never asks for more than the configured level.
+        self._relaxed = "NORMAL" if self._synchronous in ("FULL", "EXTRA") else self._synchronous
+        self._current = self._synchronous
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         self._thread: threading.Thread | None = None
@@ -52,7 +60,9 @@ class GroupCommitter:
             self._thread.join()
             self._thread = None
 
-    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``op`` in the next transaction; answered once that transaction is committed
+        (and, if ``durable``, on disk)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         # Operations queued during one turn of the loop go to the writer together, at the
@@ -62,7 +72,7 @@ class GroupCommitter:
         if pending is None:
             pending = self._pending[loop] = []
             loop.call_soon(self._hand_over, loop)
-        pending.append((op, future, loop))
+        pending.append((op, future, loop, durable))
         return await future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -107,8 +117,12 @@ class GroupCommitter:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         results: list[tuple[Any, BaseException | None]] = []
+        wanted = self._synchronous if any(item[3] for item in batch) else self._relaxed
+        if wanted != self._current:
+            conn.execute(f"PRAGMA synchronous={wanted}")
+            self._current = wanted
         conn.execute("BEGIN IMMEDIATE")
-        for op, _, _ in batch:
+        for op, _, _, _ in batch:
             conn.execute("SAVEPOINT op")
             try:
                 value = op(conn)
@@ -128,7 +142,7 @@ class GroupCommitter:
         self.operations += len(batch)
         # One wake-up per loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, Any]]] = {}
-        for (_, future, loop), (value, error) in zip(batch, results, strict=True):
+        for (_, future, loop, _), (value, error) in zip(batch, results, strict=True):
             by_loop.setdefault(loop, []).append((future, value, error))
         for loop, items in by_loop.items():
             # RuntimeError: the loop closed while we committed; nobody is waiting any more.

@@ -13,7 +13,7 @@ import sqlite3
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -190,16 +190,6 @@ class RunView:
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
-    id: int
-    kind: str
-    run_id: str
-    stage: str
-    attempt: int
-    tries: int
-
-
-@dataclass(frozen=True, slots=True)
 class SubmitContext:
     """All a submit job needs, read in one transaction."""
 
@@ -211,6 +201,18 @@ class SubmitContext:
     cancelled: bool
     #: State of an attempt row left by an earlier try of this job, if any.
     previous_attempt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    kind: str
+    run_id: str
+    stage: str
+    attempt: int
+    tries: int
+    #: For a submit job, what it needs, read in the transaction that claimed it.
+    context: SubmitContext | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,30 +513,27 @@ class Store:
 
     # submit jobs --------------------------------------------------------------------
 
-    async def submit_context(self, job: Job) -> SubmitContext:
-        def op(conn: sqlite3.Connection) -> SubmitContext:
-            pipeline = self._pipeline(conn, job.run_id)
-            state, _ = self._load_state(conn, job.run_id)
-            inputs = json.loads(
-                conn.execute("SELECT inputs FROM runs WHERE id = ?", (job.run_id,)).fetchone()[0]
-            )
-            previous = conn.execute(
-                "SELECT state FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
-                (job.run_id, job.stage, job.attempt),
-            ).fetchone()
-            upstream = {
-                name: s for name, s in state.stages.items() if s.status is StageStatus.SUCCEEDED
-            }
-            return SubmitContext(
-                pipeline=pipeline,
-                inputs=inputs,
-                stage=state.stages[job.stage],
-                upstream=upstream,
-                cancelled=state.cancelled,
-                previous_attempt=previous["state"] if previous else None,
-            )
-
-        return await self._db.run(op)
+    def _submit_context(self, conn: sqlite3.Connection, job: Job) -> SubmitContext:
+        pipeline = self._pipeline(conn, job.run_id)
+        state, _ = self._load_state(conn, job.run_id)
+        inputs = json.loads(
+            conn.execute("SELECT inputs FROM runs WHERE id = ?", (job.run_id,)).fetchone()[0]
+        )
+        previous = conn.execute(
+            "SELECT state FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
+            (job.run_id, job.stage, job.attempt),
+        ).fetchone()
+        upstream = {
+            name: s for name, s in state.stages.items() if s.status is StageStatus.SUCCEEDED
+        }
+        return SubmitContext(
+            pipeline=pipeline,
+            inputs=inputs,
+            stage=state.stages[job.stage],
+            upstream=upstream,
+            cancelled=state.cancelled,
+            previous_attempt=previous["state"] if previous else None,
+        )
 
     async def record_attempt(self, job: Job, token: str, *, now: float) -> None:
         """Written before the request leaves, so a crash mid-submit is never re-sent blindly."""
@@ -597,6 +596,12 @@ class Store:
     # jobs ---------------------------------------------------------------------------
 
     async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
+        """Lease up to ``limit`` due jobs; a submit job comes with its context.
+
+        Not durable: a lease lost in a power cut only lets the job be claimed again, and
+        a submit is never sent twice blindly (its attempt row is durable before it leaves).
+        """
+
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
                 "SELECT id, kind, run_id, stage, attempt, tries FROM jobs "
@@ -608,12 +613,17 @@ class Store:
                 "UPDATE jobs SET lease_until = ?, tries = tries + 1 WHERE id = ?",
                 [(now + lease_s, r["id"]) for r in rows],
             )
-            return [
+            jobs = [
                 Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"], r["tries"] + 1)
                 for r in rows
             ]
+            return [
+                replace(job, context=self._submit_context(conn, job)) if job.kind == "submit"
+                else job
+                for job in jobs
+            ]  # fmt: skip
 
-        return await self._db.run(op)
+        return await self._db.run(op, durable=False)
 
     async def retry_job(self, job: Job, *, at: float, error: str) -> None:
         await self._db.run(
@@ -657,7 +667,8 @@ class Store:
                 for r in rows
             ]  # fmt: skip
 
-        return await self._db.run(op)
+        # Not durable: a claim lost in a power cut only means the stage is looked at again.
+        return await self._db.run(op, durable=False)
 
     async def extend_deadline(self, run_id: str, stage: str, attempt: int, at: float) -> None:
         await self._db.run(
@@ -672,7 +683,8 @@ class Store:
         await self._db.run(
             lambda conn: conn.execute(
                 "UPDATE jobs SET lease_until = ? WHERE id = ?", (until, job.id)
-            )
+            ),
+            durable=False,
         )
 
     # outbox ---------------------------------------------------------------------------

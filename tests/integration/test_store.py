@@ -137,3 +137,36 @@ async def test_operations_of_one_loop_turn_share_one_commit(tmp_path: Path) -> N
         assert count == 100 and db.batches == 2
     finally:
         db.stop()
+
+
+async def test_batch_of_leases_alone_skips_the_fsync(tmp_path: Path) -> None:
+    """A batch made only of non-durable operations commits at synchronous=NORMAL; one
+    durable operation in the batch makes all of it FULL (the level each op sees)."""
+    import sqlite3
+
+    from pipelines.sqlite import GroupCommitter
+
+    db = GroupCommitter(str(tmp_path / "g.db"), schema="CREATE TABLE t (x INTEGER);")
+    db.start()
+    try:
+
+        def level(conn: sqlite3.Connection) -> int:  # 1 = NORMAL, 2 = FULL
+            conn.execute("INSERT INTO t VALUES (1)")
+            return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+        assert await db.run(level) == 2
+        assert await db.run(level, durable=False) == 1
+        assert list(await asyncio.gather(db.run(level, durable=False), db.run(level))) == [2, 2]
+        assert await db.run(level, durable=False) == 1
+    finally:
+        db.stop()
+
+
+async def test_claimed_submit_job_carries_its_context(store: Store) -> None:
+    """claim_jobs reads a submit job's context in the same transaction as the lease."""
+    run_id = await store.create_run(PIPELINE, {"k": 1}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
+    assert job.context is not None
+    assert job.context.inputs == {"k": 1} and job.context.stage.attempt == 1
+    assert job.context.previous_attempt is None and not job.context.cancelled
+    assert list(job.context.pipeline.stages) == ["a"] and run_id == job.run_id
