@@ -221,6 +221,7 @@ class Engine:
                 await self._submit_aiml(job, token, model.id, body)
             else:
                 webhook = f"{self.config.public_base_url}/webhooks/wavespeed/{token}"
+                log.debug("stage.submitting", model=model.id, webhook=webhook)  # token scrubbed
                 prediction = await self._wavespeed.submit(model.id, body, webhook=webhook)
                 event = Submitted(job.stage, job.attempt, prediction.id)
                 await self.store.accept_attempt(

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import anyio
@@ -41,6 +42,7 @@ _PREFIX = f"{uuid.uuid4().hex[:8]}-"
 _IDS = itertools.count(1)
 _REQUEST_ID = web.RequestKey("request_id", str)
 _ROUTE = web.RequestKey("route", str)
+_NONE: dict[str, Any] = {}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -74,7 +76,9 @@ async def context_and_errors(request: web.Request, handler: Handler) -> web.Stre
 class AccessLog(AbstractAccessLogger):
     """One structured line per request: the route template (never the path: webhook paths
     carry a secret token), status, bytes and duration, with the request id bound by
-    ``context_and_errors``. Cheaper than aiohttp's formatted line through stdlib logging."""
+    ``context_and_errors``, and whatever the handler added under ``keys.ACCESS_FIELDS``
+    (a webhook delivery's effect, task and run). Cheaper than aiohttp's formatted line
+    through stdlib logging, and one line per request instead of one per step."""
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         # A request that never reached the middleware (unparseable) has neither.
@@ -86,6 +90,7 @@ class AccessLog(AbstractAccessLogger):
             status=response.status,
             bytes=response.body_length,
             duration_ms=round(time * 1000, 2),
+            **request.get(keys.ACCESS_FIELDS, _NONE),
         )
 
     @property

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pipelines.errors import ConfigError
 from pipelines.secrets import Secret
-from service.app import create_app
+from service.app import AccessLog, create_app
 from service.aws import AwsClients, make_clients
 from service.client import ApiClient, follow, summary
 from service.settings import Settings
@@ -31,7 +31,11 @@ TOPIC = "wavechain-events"
 async def _start(
     app: web.Application, port: int = 0, *, access_log: bool = False
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app) if access_log else web.AppRunner(app, access_log=None)
+    runner = (
+        web.AppRunner(app, access_log_class=AccessLog)
+        if access_log
+        else web.AppRunner(app, access_log=None)
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

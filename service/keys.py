@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -32,3 +33,5 @@ AWS = web.AppKey("aws", AwsClients)
 AWS_LIMITER = web.AppKey("aws_limiter", CapacityLimiter)
 RELAY = web.AppKey("relay", OutboxRelay)
 SWEEPER = web.AppKey("sweeper", Sweeper)
+#: Fields a handler adds to its request's one access line (what it did, for whom).
+ACCESS_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("access_fields")

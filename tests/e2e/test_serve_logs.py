@@ -49,7 +49,10 @@ def test_serve_logs_one_json_line_per_event_with_route_templates(tmp_path: Path)
     assert [e["status"] for e in created] == [201]
     assert len({e["request_id"] for e in access if e["route"] != "unmatched"}) == len(access) - 1
     assert [e["status"] for e in access if e["route"] == "unmatched"] == [400]
-    received = {e["request_id"] for e in events if e["event"] == "webhook.received"}
-    assert received <= {e["request_id"] for e in webhooks}
+    # A delivery's access line says what it did: one line per delivery.
+    assert {e["effect"] for e in webhooks} <= {"applied", "no_effect", "duplicate"}
+    assert {e["stage"] for e in webhooks if e["effect"] == "applied"} == {"image", "video", "mesh"}
+    assert all(e["webhook_id"] and e["run_id"] == run_id for e in webhooks)
+    assert not [e for e in events if e["event"] == "webhook.received"]
     for token in tokens:
         assert token not in text
