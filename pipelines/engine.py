@@ -189,9 +189,8 @@ class Engine:
                 self._wake.set()
 
     async def _submit(self, job: Job) -> None:
-        ctx = job.context
-        if ctx is None:  # claim_jobs reads it for every submit job
-            raise RuntimeError(f"submit job {job.id} was claimed without its context")
+        # Read when the job was claimed; read again (raising the reason) if that failed.
+        ctx = job.context or await self.store.submit_context(job)
         stage = ctx.stage
         if ctx.cancelled or stage.attempt != job.attempt or stage.status is not StageStatus.PENDING:
             await self.store.drop_job(job)

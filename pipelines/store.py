@@ -513,6 +513,9 @@ class Store:
 
     # submit jobs --------------------------------------------------------------------
 
+    async def submit_context(self, job: Job) -> SubmitContext:
+        return await self._db.run(lambda conn: self._submit_context(conn, job))
+
     def _submit_context(self, conn: sqlite3.Connection, job: Job) -> SubmitContext:
         pipeline = self._pipeline(conn, job.run_id)
         state, _ = self._load_state(conn, job.run_id)
@@ -617,13 +620,19 @@ class Store:
                 Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"], r["tries"] + 1)
                 for r in rows
             ]
-            return [
-                replace(job, context=self._submit_context(conn, job)) if job.kind == "submit"
-                else job
-                for job in jobs
-            ]  # fmt: skip
+            return [self._with_context(conn, job) for job in jobs]
 
         return await self._db.run(op, durable=False)
+
+    def _with_context(self, conn: sqlite3.Connection, job: Job) -> Job:
+        if job.kind != "submit":
+            return job
+        try:
+            return replace(job, context=self._submit_context(conn, job))
+        except Exception:
+            # One run's unreadable state (a stored spec the catalog no longer accepts)
+            # must not stop every claim: its job reads it again, fails and backs off alone.
+            return job
 
     async def retry_job(self, job: Job, *, at: float, error: str) -> None:
         await self._db.run(

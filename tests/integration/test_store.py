@@ -170,3 +170,30 @@ async def test_claimed_submit_job_carries_its_context(store: Store) -> None:
     assert job.context.inputs == {"k": 1} and job.context.stage.attempt == 1
     assert job.context.previous_attempt is None and not job.context.cancelled
     assert list(job.context.pipeline.stages) == ["a"] and run_id == job.run_id
+
+
+async def test_one_unreadable_run_does_not_stop_claims(tmp_path: Path) -> None:
+    """A run whose stored spec no longer parses still has its job claimed (without a
+    context, which the job then fails to read on its own); other jobs are unaffected."""
+    import sqlite3
+
+    from pipelines.errors import SpecError
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    first = Store(url)
+    await first.start()
+    bad = await first.create_run(PIPELINE, {}, now=100.0)
+    good = await first.create_run(PIPELINE, {}, now=100.0)
+    await first.close()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        conn.execute("UPDATE runs SET spec = ? WHERE id = ?", ('{"stages": 3}', bad))
+    store = Store(url)  # a new process: no parsed spec cached
+    await store.start()
+    try:
+        jobs = {job.run_id: job for job in await store.claim_jobs(now=100.0, limit=10, lease_s=30)}
+        assert set(jobs) == {bad, good}
+        assert jobs[good].context is not None and jobs[bad].context is None
+        with pytest.raises(SpecError):
+            await store.submit_context(jobs[bad])
+    finally:
+        await store.close()
