@@ -22,11 +22,21 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 _STOP = object()
 MAX_BATCH = 512
+
+
+class _Op(NamedTuple):
+    """One queued operation: what to run, whom to answer, on which loop, and whether its
+    commit must reach the disk before the answer."""
+
+    run: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    durable: bool
 
 
 class GroupCommitter:
@@ -37,8 +47,8 @@ class GroupCommitter:
         # A batch of non-durable operations never asks for more than the configured level.
         self._relaxed = "NORMAL" if self._synchronous in ("FULL", "EXTRA") else self._synchronous
         self._current = self._synchronous
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pending: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # lists of _Op, or _STOP
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -72,7 +82,7 @@ class GroupCommitter:
         if pending is None:
             pending = self._pending[loop] = []
             loop.call_soon(self._hand_over, loop)
-        pending.append((op, future, loop, durable))
+        pending.append(_Op(op, future, loop, durable))
         return await future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -115,17 +125,17 @@ class GroupCommitter:
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         results: list[tuple[Any, BaseException | None]] = []
-        wanted = self._synchronous if any(item[3] for item in batch) else self._relaxed
+        wanted = self._synchronous if any(op.durable for op in batch) else self._relaxed
         if wanted != self._current:
             conn.execute(f"PRAGMA synchronous={wanted}")
             self._current = wanted
         conn.execute("BEGIN IMMEDIATE")
-        for op, _, _, _ in batch:
+        for op in batch:
             conn.execute("SAVEPOINT op")
             try:
-                value = op(conn)
+                value = op.run(conn)
             except BaseException as exc:  # handed to the awaiting caller
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
@@ -142,8 +152,8 @@ class GroupCommitter:
         self.operations += len(batch)
         # One wake-up per loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, Any]]] = {}
-        for (_, future, loop, _), (value, error) in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append((future, value, error))
+        for op, (value, error) in zip(batch, results, strict=True):
+            by_loop.setdefault(op.loop, []).append((op.future, value, error))
         for loop, items in by_loop.items():
             # RuntimeError: the loop closed while we committed; nobody is waiting any more.
             with contextlib.suppress(RuntimeError):

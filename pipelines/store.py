@@ -616,11 +616,13 @@ class Store:
                 "UPDATE jobs SET lease_until = ?, tries = tries + 1 WHERE id = ?",
                 [(now + lease_s, r["id"]) for r in rows],
             )
-            jobs = [
-                Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"], r["tries"] + 1)
+            return [
+                self._with_context(
+                    conn, Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"],
+                              r["tries"] + 1),
+                )
                 for r in rows
-            ]
-            return [self._with_context(conn, job) for job in jobs]
+            ]  # fmt: skip
 
         return await self._db.run(op, durable=False)
 

@@ -46,7 +46,7 @@ def serve(work: Path, emu: str, name: str, level: str = "INFO", **env: str) -> t
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     full = serve_env(emu, port, db, SECRET, **env)
-    # INFO, as deployed: the access line and webhook line per request are part of the cost.
+    # INFO by default, as deployed: the access line per request is part of the cost.
     ctx = running([PY, "-m", "service.cli", "--log-json", "--log-level", level, "serve"], port,
                   work / f"{name}.log", full)  # fmt: skip
     return f"http://127.0.0.1:{port}", ctx
@@ -169,7 +169,7 @@ def _seed_runs(api: str, count: int) -> None:
 def receiver(work: Path) -> dict[str, Any]:
     seconds, per_file, runs = 5.0, 90_000, 100
     emu, emu_ctx = emulator(work, "drop_rate=1")
-    # As deployed (INFO: an access line and a webhook line per delivery), and with the
+    # As deployed (INFO: one access line per delivery), and with the
     # per-request lines off (WARNING), to show what the logging costs.
     api, serve_ctx = serve(work, emu, "receiver")
     quiet_api, quiet_ctx = serve(work, emu, "receiver-quiet", level="WARNING")
