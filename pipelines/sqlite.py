@@ -7,6 +7,10 @@ SAVEPOINT so one failure rolls back only itself. Callers are answered only after
 the COMMIT that holds their work has returned: durable before acknowledged, at
 one fsync per batch instead of one per operation.
 
+Work done in memory alongside an operation (a cache of what it wrote) must not outlive
+the operation if it is rolled back: ``on_rollback`` is called, on the writer thread,
+whenever an operation or a whole batch is rolled back.
+
 An operation whose loss in a power cut would be harmless (a lease: lost, the job is
 simply claimed again) can say so with ``durable=False``. A batch made only of such
 operations commits without waiting for the disk (``synchronous=NORMAL`` in WAL mode); the
@@ -40,8 +44,16 @@ class _Op(NamedTuple):
 
 
 class GroupCommitter:
-    def __init__(self, path: str, *, schema: str, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        schema: str,
+        synchronous: str = "FULL",
+        on_rollback: Callable[[], None] | None = None,
+    ) -> None:
         self._path = path
+        self._on_rollback = on_rollback or (lambda: None)
         self._schema = schema
         self._synchronous = synchronous.upper()
         # A batch of non-durable operations never asks for more than the configured level.
@@ -139,6 +151,7 @@ class GroupCommitter:
             except BaseException as exc:  # handed to the awaiting caller
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
+                self._on_rollback()
                 results.append((None, exc))
             else:
                 conn.execute("RELEASE op")
@@ -147,6 +160,7 @@ class GroupCommitter:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK")
+            self._on_rollback()
             results = [(None, exc)] * len(batch)
         self.batches += 1
         self.operations += len(batch)

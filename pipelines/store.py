@@ -117,6 +117,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sent_at, seq);
 """
 
+#: Parsed specs and run states kept in memory, most recently used first.
+CACHED_RUNS = 2048
+
 WebhookEffect = Literal[
     "applied", "no_effect", "duplicate", "unknown_token", "not_yet", "task_mismatch"
 ]
@@ -253,10 +256,18 @@ class Store:
     ) -> None:
         self.callback_timeout_s = callback_timeout_s
         self.hard_timeout_factor = hard_timeout_factor
-        self._db = GroupCommitter(_sqlite_path(database_url), schema=SCHEMA)
+        self._db = GroupCommitter(
+            _sqlite_path(database_url), schema=SCHEMA, on_rollback=self._forget_states
+        )
         self._on_jobs = on_jobs or (lambda: None)
         self._on_events = on_events or (lambda: None)
+        # Both caches are used by operations only, so only on the writer thread.
         self._pipelines: OrderedDict[str, specs.Pipeline] = OrderedDict()
+        # Each run's state as of its version: every change to a stage's state goes through
+        # _apply, which bumps the version, so a matching version means an unchanged state
+        # and saves reading and decoding every stage of the run on each transition. An
+        # entry written by work that is then rolled back is dropped (see _forget_states).
+        self._states: OrderedDict[str, tuple[int, RunState]] = OrderedDict()
 
     async def start(self) -> None:
         self._db.start()
@@ -377,6 +388,17 @@ class Store:
         self._on_jobs()
         self._on_events()
 
+    def _forget_states(self) -> None:
+        # Rare (an operation failed, or a commit did): forgetting every cached state is
+        # simpler than tracking which entries the rolled-back work wrote, and as correct.
+        self._states.clear()
+
+    def _remember_state(self, state: RunState, version: int) -> None:
+        self._states[state.run_id] = (version, state)
+        self._states.move_to_end(state.run_id)
+        while len(self._states) > CACHED_RUNS:
+            self._states.popitem(last=False)
+
     def _pipeline(self, conn: sqlite3.Connection, run_id: str) -> specs.Pipeline:
         cached = self._pipelines.get(run_id)
         if cached is not None:
@@ -387,7 +409,7 @@ class Store:
             raise KeyError(run_id)
         pipeline = specs.parse(json.loads(row["spec"]), where=f"run {run_id}")
         self._pipelines[run_id] = pipeline
-        while len(self._pipelines) > 2048:
+        while len(self._pipelines) > CACHED_RUNS:
             self._pipelines.popitem(last=False)
         return pipeline
 
@@ -397,6 +419,10 @@ class Store:
         ).fetchone()
         if run is None:
             raise KeyError(run_id)
+        version = run["version"]
+        cached = self._states.get(run_id)
+        if cached is not None and cached[0] == version:
+            return cached[1], version
         stages = {
             r["name"]: StageState(
                 status=StageStatus(r["status"]),
@@ -415,7 +441,8 @@ class Store:
             )
         }
         state = RunState(run_id, stages, bool(run["cancelled"]), bool(run["mirror"]))
-        return state, run["version"]
+        self._remember_state(state, version)
+        return state, version
 
     def _apply(self, conn: sqlite3.Connection, run_id: str, event: Event, now: float) -> Decision:
         pipeline = self._pipeline(conn, run_id)
@@ -448,6 +475,7 @@ class Store:
         ).rowcount
         if updated != 1:
             raise ConcurrentUpdateError(run_id)
+        self._remember_state(after, version + 1)
         self._write_commands(conn, pipeline, run_id, after, decision.commands, now)
         return decision
 

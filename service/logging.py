@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import json as _json
 import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 _SECRET_KEYS = re.compile(r"secret|token|api_?key|authorization|signature|password", re.I)
@@ -24,17 +27,15 @@ _WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
 REDACTED = "[redacted]"
 
 
+def _may_hold_secret(text: str) -> bool:
+    # Every pattern in _scrub needs one of these; most values (ids, statuses, numbers as
+    # text) have none, and plain substring tests are far cheaper than any regex (an
+    # alternation of the four, case-insensitive, costs five times as much).
+    return "=" in text or "/webhooks/" in text or "whsec_" in text or "bearer" in text.lower()
+
+
 def scrub(text: str) -> str:
-    # Every pattern below needs one of these; most values (ids, statuses, numbers as text)
-    # have none, and plain substring tests are far cheaper than any regex.
-    if (
-        "=" not in text
-        and "/webhooks/" not in text
-        and "whsec_" not in text
-        and "bearer" not in text.lower()
-    ):
-        return text
-    return _scrub(text)
+    return _scrub(text) if _may_hold_secret(text) else text
 
 
 @functools.lru_cache(maxsize=1024)  # route templates and the like recur on every line
@@ -48,6 +49,11 @@ def _scrub(text: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _secret_key(key: str) -> bool:
     return _SECRET_KEYS.search(key) is not None
+
+
+@functools.lru_cache(maxsize=1024)  # a line's keys recur: every access line has the same
+def _secret_keys(keys: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(key for key in keys if _secret_key(key))
 
 
 def _clean(key: str, value: Any) -> Any:
@@ -65,10 +71,57 @@ def _clean(key: str, value: Any) -> Any:
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop values under secret-looking keys; scrub credentials out of every string, nested
     values included."""
-    for key, value in list(event_dict.items()):
-        if _secret_key(key) or isinstance(value, str | dict | list | tuple):
-            event_dict[key] = _clean(key, value)  # numbers, None, booleans stay as they are
+    # This runs for every line, so the common case is kept short: the keys are checked
+    # once per distinct set of keys, and plain strings are tested inline. Replacing values
+    # while iterating is safe, as the keys do not change.
+    secret = _secret_keys(tuple(event_dict))
+    for key, value in event_dict.items():
+        kind = type(value)
+        if secret and key in secret:
+            event_dict[key] = REDACTED
+        elif kind is str:
+            # _may_hold_secret's test, inlined: a call per value is a third of the cost.
+            if (
+                "=" in value
+                or "/webhooks/" in value
+                or "whsec_" in value
+                or ("bearer" in value.lower())
+            ):
+                event_dict[key] = _scrub(value)
+        elif kind not in _PLAIN and isinstance(value, str | dict | list | tuple):
+            event_dict[key] = _clean(key, value)
     return event_dict
+
+
+_PLAIN = frozenset({int, float, bool, type(None)})  # numbers, None, booleans stay as they are
+_second: tuple[int, str] = (0, "")
+
+
+def timestamp(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """UTC ISO 8601 with microseconds, as structlog's TimeStamper(fmt="iso", utc=True)
+    writes it, at a quarter of the cost: the date and time of day are formatted once a
+    second, not once a line."""
+    global _second
+    now = time.time()
+    second = int(now)
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    event_dict["timestamp"] = f"{cached[1]}.{int((now - second) * 1e6):06d}Z"
+    return event_dict
+
+
+def _dumps(event_dict: Any, **kw: Any) -> str:
+    """JSON for one line: orjson (several times faster than the standard library, and the
+    serializer structlog's performance guide suggests), with structlog's fallback (repr)
+    for types it does not know. What orjson refuses outright (an integer wider than 64
+    bits) still gets a line, from the standard library."""
+    try:
+        return orjson.dumps(
+            event_dict, default=kw["default"], option=orjson.OPT_NON_STR_KEYS
+        ).decode()
+    except TypeError:
+        return _json.dumps(event_dict, **kw)
 
 
 _LOCK = threading.RLock()
@@ -102,12 +155,14 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
     if level.upper() not in levels:
         raise ValueError(f"unknown log level {level!r}")
     threshold = levels[level.upper()]
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    renderer: Any = (
+        structlog.processors.JSONRenderer(_dumps) if json else structlog.dev.ConsoleRenderer()
+    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        timestamp,
         structlog.processors.format_exc_info,
         redact,
     ]

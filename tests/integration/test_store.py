@@ -197,3 +197,38 @@ async def test_one_unreadable_run_does_not_stop_claims(tmp_path: Path) -> None:
             await store.submit_context(jobs[bad])
     finally:
         await store.close()
+
+
+async def test_rolled_back_work_leaves_no_cached_state(tmp_path: Path) -> None:
+    """A run's state is cached by version. An operation that applied an event and then
+    failed is rolled back, and so is what it cached: when another writer (a second
+    process on the same file) takes the run to that same version with a different
+    state, this store reads that state, not the one it computed and threw away."""
+    from pipelines.state import InvalidTransitionError, TaskFailed
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    one, two = Store(url), Store(url)
+    await one.start()
+    await two.start()
+    try:
+        run_id = await one.create_run(PIPELINE, {}, now=100.0)
+        (job,) = await one.claim_jobs(now=100.0, limit=1, lease_s=30)
+        await one.record_attempt(job, "tok", now=100.0)
+        # Submitted applies (version 2 in memory), then an impossible event fails the
+        # whole operation: the attempt stays 'sending', the run stays at version 1.
+        with pytest.raises(InvalidTransitionError):
+            await one.accept_attempt(
+                job, "tok", "t1", [Submitted("a", 1, "t1"), Submitted("zz", 1, "t1")], now=101.0
+            )
+        # The other process applies its own version 2: the stage failed.
+        failed = TaskFailed("a", 1, None, "boom", retryable=False)
+        assert (await two.apply(run_id, failed, now=102.0)).changed
+        # A late success: a no-op on the failed stage. On the stale cached state
+        # (submitted, version 2) it would succeed the stage and the run.
+        decision = await one.apply(run_id, TaskSucceeded("a", 1, "t1", ("u",)), now=103.0)
+        assert not decision.changed
+        run = await one.get_run(run_id)
+        assert run is not None and run.status == "failed"
+    finally:
+        await one.close()
+        await two.close()

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from service.logging import REDACTED, redact, scrub
+import json
+import logging
+import re
+from datetime import UTC, datetime
+
+import pytest
+import structlog
+
+from service.logging import REDACTED, configure_logging, redact, scrub, timestamp
 
 
 def test_secret_looking_keys_are_dropped() -> None:
@@ -49,3 +57,40 @@ def test_scrub_matches_credentials_whatever_their_case() -> None:
     assert scrub("auth: BEARER sk-live-123") == f"auth: BEARER {REDACTED}"
     assert scrub("GET /k?x-amz-signature=deadbeef") == f"GET /k?x-amz-signature={REDACTED}"
     assert scrub("msg_b1234 a8c3b0f1e2d34c5b") == "msg_b1234 a8c3b0f1e2d34c5b"
+
+
+def test_top_level_strings_take_the_same_scrub_as_nested_ones() -> None:
+    """The inlined test for plain strings misses nothing scrub() would catch, in any case."""
+    event = {"event": "x", "auth": "BeArEr sk-live-123", "url": "https://h/k?Signature=abc",
+             "path": "/webhooks/wavespeed/AbCdEfGhIjKl", "key": "whsec_c2VjcmV0", "id": "msg_1"}  # fmt: skip
+    out = redact(None, "info", dict(event))
+    for key, value in event.items():
+        assert out[key] == scrub(value)
+    assert "sk-live-123" not in str(out) and "abc" not in str(out) and out["id"] == "msg_1"
+
+
+def test_timestamp_is_utc_iso_with_microseconds() -> None:
+    """The cached-second stamper writes what datetime would, for the current time."""
+    before = datetime.now(UTC)
+    stamp = timestamp(None, "info", {})["timestamp"]
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+    assert before <= datetime.fromisoformat(stamp) <= after
+
+
+def test_json_lines_render_whatever_is_logged(capsys: pytest.CaptureFixture[str]) -> None:
+    """orjson renders the line; what it cannot (a 70-bit integer) or does not know (any
+    object) still gives one valid JSON line, never an error at the call site."""
+    configure_logging(json=True, level="INFO")
+    try:
+        log = structlog.get_logger("wavechain.test")
+        log.info("plain", count=3, ratio=0.5, nested={1: "a"}, token="t")
+        log.info("odd", big=2**70, thing=object())
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert [line["event"] for line in lines] == ["plain", "odd"]
+    assert lines[0]["nested"] == {"1": "a"} and lines[0]["token"] == REDACTED
+    assert lines[1]["big"] == 2**70 and lines[1]["thing"].startswith("<object object")
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "wavechain.test"
