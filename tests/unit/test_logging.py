@@ -62,7 +62,8 @@ def test_scrub_matches_credentials_whatever_their_case() -> None:
 def test_top_level_strings_take_the_same_scrub_as_nested_ones() -> None:
     """The inlined test for plain strings misses nothing scrub() would catch, in any case."""
     event = {"event": "x", "auth": "BeArEr sk-live-123", "url": "https://h/k?Signature=abc",
-             "path": "/webhooks/wavespeed/AbCdEfGhIjKl", "key": "whsec_c2VjcmV0", "id": "msg_1"}  # fmt: skip
+             "path": "/webhooks/wavespeed/AbCdEfGhIjKl", "key": "whsec_c2VjcmV0",
+             "id": "msg_1"}  # fmt: skip
     out = redact(None, "info", dict(event))
     for key, value in event.items():
         assert out[key] == scrub(value)
