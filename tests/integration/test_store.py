@@ -221,7 +221,7 @@ async def test_rolled_back_work_leaves_no_cached_state(tmp_path: Path) -> None:
                 job, "tok", "t1", [Submitted("a", 1, "t1"), Submitted("zz", 1, "t1")], now=101.0
             )
         # The other process applies its own version 2: the stage failed.
-        failed = TaskFailed("a", 1, None, "boom", retryable=False)
+        failed = TaskFailed("a", 1, "t1", "boom", retryable=False)
         assert (await two.apply(run_id, failed, now=102.0)).changed
         # A late success: a no-op on the failed stage. On the stale cached state
         # (submitted, version 2) it would succeed the stage and the run.
