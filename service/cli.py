@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -250,6 +251,12 @@ async def serve_until_signal(settings: Settings) -> None:
         access_log_class=AccessLog,
     )  # fmt: skip
     await runner.setup()
+    # What startup built (modules, boto3's service models, the app) lives as long as the
+    # process. Frozen, it is out of the collector's sight, so full collections under load
+    # walk only what requests allocate (measured: p99 of the receiver benchmark 76-93 ms
+    # without, 35-48 ms with; full collections had paused the loop for up to 70 ms).
+    gc.collect()
+    gc.freeze()
     await web.TCPSite(runner, settings.host, settings.port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
