@@ -362,20 +362,22 @@ class Store:
                 )
             elif row["task_id"] != task_id:
                 return WebhookOutcome("task_mismatch", run_id, stage)
-            inserted = conn.execute(
-                "INSERT INTO deliveries (provider, webhook_id, run_id, stage, attempt, task_id, "
-                "status, effect, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
-                "ON CONFLICT DO NOTHING",
-                (provider, webhook_id, run_id, stage, attempt, task_id, status, now),
-            ).rowcount
-            if not inserted:
+            # Writers are serialised (one transaction at a time, BEGIN IMMEDIATE across
+            # processes), so a delivery not seen here is not being recorded elsewhere: it
+            # is written once, with its effect, after the event is applied.
+            seen = conn.execute(
+                "SELECT 1 FROM deliveries WHERE provider = ? AND webhook_id = ?",
+                (provider, webhook_id),
+            ).fetchone()
+            if seen is not None:
                 return WebhookOutcome("duplicate", run_id, stage)
             event = make_event(stage, attempt)
             changed = event is not None and self._apply(conn, run_id, event, now).changed
             effect: WebhookEffect = "applied" if changed else "no_effect"
             conn.execute(
-                "UPDATE deliveries SET effect = ? WHERE provider = ? AND webhook_id = ?",
-                (effect, provider, webhook_id),
+                "INSERT INTO deliveries (provider, webhook_id, run_id, stage, attempt, task_id, "
+                "status, effect, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (provider, webhook_id, run_id, stage, attempt, task_id, status, effect, now),
             )
             return WebhookOutcome(effect, run_id, stage)
 

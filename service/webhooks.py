@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import orjson
 import structlog
 from aiohttp import web
 
@@ -72,8 +73,8 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
         log.warning("webhook.rejected", reason=exc.reason)
         return _error(401, "signature verification failed")
     try:
-        prediction = parse_prediction(json.loads(body))
-    except (ValueError, UnicodeDecodeError) as exc:
+        prediction = parse_prediction(orjson.loads(body))
+    except ValueError as exc:  # orjson's JSONDecodeError is one, invalid UTF-8 included
         log.warning("webhook.malformed", webhook_id=verified.webhook_id, error=str(exc))
         return _error(400, f"malformed prediction: {exc}")
     outcome = await request.app[keys.ENGINE].on_wavespeed_webhook(
