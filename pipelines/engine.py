@@ -110,8 +110,16 @@ class Engine:
     # results --------------------------------------------------------------------------
 
     async def on_wavespeed_webhook(
-        self, token: str, webhook_id: str, prediction: Prediction
+        self,
+        token: str,
+        webhook_id: str,
+        prediction: Prediction,
+        *,
+        received_at: float | None = None,
     ) -> WebhookOutcome:
+        """Apply a verified delivery. ``received_at``: when the request arrived (now if not
+        given), the delivery's time and that of the transition it causes."""
+
         def make_event(stage: str, attempt: int) -> Event:
             return result_event(stage, attempt, prediction)
 
@@ -122,7 +130,7 @@ class Engine:
             task_id=prediction.id,
             status=prediction.status,
             make_event=make_event,
-            now=self._clock(),
+            now=self._clock() if received_at is None else received_at,
         )
 
     # workers --------------------------------------------------------------------------
@@ -221,12 +229,19 @@ class Engine:
             else:
                 webhook = f"{self.config.public_base_url}/webhooks/wavespeed/{token}"
                 log.debug("stage.submitting", model=model.id, webhook=webhook)  # token scrubbed
+                # From the moment the job became due (for a downstream stage: the upstream's
+                # completion callback was received) to the submit being handed to the HTTP
+                # client: the hand-off latency, on the stage.submitted line.
+                since_due = None if job.due_at is None else self._clock() - job.due_at
                 prediction = await self._wavespeed.submit(model.id, body, webhook=webhook)
                 event = Submitted(job.stage, job.attempt, prediction.id)
                 await self.store.accept_attempt(
                     job, token, prediction.id, [event], now=self._clock()
                 )
-                log.info("stage.submitted", task_id=prediction.id, model=model.id)
+                log.info(
+                    "stage.submitted", task_id=prediction.id, model=model.id, tries=job.tries,
+                    since_due_ms=None if since_due is None else round(since_due * 1000, 3),
+                )  # fmt: skip
         except ProviderError as exc:
             if exc.retryable and job.tries < self.config.max_submit_tries:
                 await self.store.set_attempt_state(job, "forget", drop_job=False)

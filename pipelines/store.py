@@ -216,6 +216,10 @@ class Job:
     tries: int
     #: For a submit job, what it needs, read in the transaction that claimed it.
     context: SubmitContext | None = field(default=None, compare=False, repr=False)
+    #: When the job became due: for a stage's first submit, when the event that made it
+    #: ready was received (a delivery, or the run's creation); after a failure, the end
+    #: of its backoff.
+    due_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,7 +641,7 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
-                "SELECT id, kind, run_id, stage, attempt, tries FROM jobs "
+                "SELECT id, kind, run_id, stage, attempt, tries, run_after FROM jobs "
                 "WHERE run_after <= ? AND (lease_until IS NULL OR lease_until < ?) "
                 "ORDER BY run_after, id LIMIT ?",
                 (now, now, limit),
@@ -649,7 +653,7 @@ class Store:
             return [
                 self._with_context(
                     conn, Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"],
-                              r["tries"] + 1),
+                              r["tries"] + 1, due_at=r["run_after"]),
                 )
                 for r in rows
             ]  # fmt: skip

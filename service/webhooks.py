@@ -56,6 +56,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def wavespeed_webhook(request: web.Request) -> web.Response:
+    received_at = request.app[keys.CLOCK]()
     settings = request.app[keys.SETTINGS]
     body = await _read_capped(request, settings.max_webhook_bytes)
     if body is None:
@@ -78,7 +79,7 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
         log.warning("webhook.malformed", webhook_id=verified.webhook_id, error=str(exc))
         return _error(400, f"malformed prediction: {exc}")
     outcome = await request.app[keys.ENGINE].on_wavespeed_webhook(
-        request.match_info["token"], verified.webhook_id, prediction
+        request.match_info["token"], verified.webhook_id, prediction, received_at=received_at
     )
     # Said on the request's access line: one line per delivery, not two.
     request[keys.ACCESS_FIELDS] = {

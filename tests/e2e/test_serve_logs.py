@@ -54,5 +54,10 @@ def test_serve_logs_one_json_line_per_event_with_route_templates(tmp_path: Path)
     assert {e["stage"] for e in webhooks if e["effect"] == "applied"} == {"image", "video", "mesh"}
     assert all(e["webhook_id"] and e["run_id"] == run_id for e in webhooks)
     assert not [e for e in events if e["event"] == "webhook.received"]
+    # Each submit says how long after it became due it left: for the video and the mesh,
+    # after the image's (then the video's) completion callback was received.
+    submitted = {e["stage"]: e for e in events if e["event"] == "stage.submitted"}
+    assert set(submitted) == {"image", "video", "mesh"}
+    assert all(e["tries"] == 1 and e["since_due_ms"] >= 0 for e in submitted.values())
     for token in tokens:
         assert token not in text

@@ -232,3 +232,24 @@ async def test_rolled_back_work_leaves_no_cached_state(tmp_path: Path) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_a_claimed_job_knows_when_it_became_due(store: Store) -> None:
+    """A root stage's submit is due when its run was created; a downstream stage's when
+    the delivery that completed its upstream was received (what hand-off latency counts
+    from)."""
+    two = specs.parse({"stages": {"a": {"model": IMG, "input": {"prompt": "x"}},
+                                  "b": {"model": IMG, "input": {"prompt": "y"},
+                                        "needs": ["a"]}}}, where="t")  # fmt: skip
+    await store.create_run(two, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.5, limit=1, lease_s=30)
+    assert (job.stage, job.due_at) == ("a", 100.0)
+    await store.record_attempt(job, "tok-a", now=100.5)
+    await store.accept_attempt(job, "tok-a", "t1", [Submitted("a", 1, "t1")], now=100.5)
+    outcome = await store.webhook(
+        provider="wavespeed", webhook_id="w1", token="tok-a", task_id="t1",
+        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)), now=150.25,
+    )  # fmt: skip
+    assert outcome.effect == "applied"
+    (downstream,) = await store.claim_jobs(now=151.0, limit=1, lease_s=30)
+    assert (downstream.stage, downstream.due_at) == ("b", 150.25)
