@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
@@ -101,6 +102,6 @@ def test_sigterm_drains_then_exits(tmp_path: Path) -> None:
         time.sleep(0.2)
         assert requests.get(f"{api}/readyz", timeout=5).status_code == 503
         assert proc.wait(timeout=20) == 0
-    text = log.read_text()
-    assert '"service.draining"' in text and '"service.stopped"' in text
-    assert '"drained": true' in text
+    events = {e["event"]: e for e in map(json.loads, log.read_text().splitlines())}
+    assert "service.draining" in events and "service.stopped" in events
+    assert events["workers.stopped"]["drained"] is True
