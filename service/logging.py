@@ -68,6 +68,9 @@ def _clean(key: str, value: Any) -> Any:
     return value
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})  # numbers, None, booleans stay as they are
+
+
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop values under secret-looking keys; scrub credentials out of every string, nested
     values included."""
@@ -93,8 +96,7 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-_PLAIN = frozenset({int, float, bool, type(None)})  # numbers, None, booleans stay as they are
-_second: tuple[int, str] = (0, "")
+_second: tuple[int, str] = (0, "")  # the last second formatted, and its text
 
 
 def timestamp(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
