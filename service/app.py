@@ -31,6 +31,7 @@ from pipelines.state import InvalidTransitionError
 from pipelines.store import Store
 from pipelines.sweeper import Sweeper, SweeperConfig
 from service import keys
+from service import logging as service_logging
 from service.aws import make_clients
 from service.routes import setup_routes
 from service.settings import DEFAULT_AIMLAPI, DEFAULT_WAVESPEED, Settings
@@ -87,17 +88,21 @@ class AccessLog(AbstractAccessLogger):
         self._log = _access.bind()
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        # A request that never reached the middleware (unparseable) has neither.
-        self._log.info(
-            "http.request",
-            method=request.method,
-            route=request.get(_ROUTE, "unmatched"),
-            request_id=request.get(_REQUEST_ID),
-            status=response.status,
-            bytes=response.body_length,
-            duration_ms=round(time * 1000, 2),
+        fields = {
+            "method": request.method,
+            # A request that never reached the middleware (unparseable) has neither.
+            "route": request.get(_ROUTE, "unmatched"),
+            "request_id": request.get(_REQUEST_ID),
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 2),
             **request.get(keys.ACCESS_FIELDS, _NONE),
-        )
+        }
+        write = service_logging.access_writer  # None until logging is configured
+        if write is not None:
+            write(fields)
+        else:
+            self._log.info("http.request", **fields)
 
     @property
     def enabled(self) -> bool:

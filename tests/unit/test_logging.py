@@ -10,7 +10,14 @@ from datetime import UTC, datetime
 import pytest
 import structlog
 
+from service import logging as service_logging
 from service.logging import REDACTED, configure_logging, redact, scrub, timestamp
+
+
+def _unconfigure() -> None:
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+    service_logging.access_writer = None
 
 
 def test_secret_looking_keys_are_dropped() -> None:
@@ -89,9 +96,37 @@ def test_json_lines_render_whatever_is_logged(capsys: pytest.CaptureFixture[str]
         log.info("odd", big=2**70, thing=object())
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
+        _unconfigure()
     assert [line["event"] for line in lines] == ["plain", "odd"]
     assert lines[0]["nested"] == {"1": "a"} and lines[0]["token"] == REDACTED
     assert lines[1]["big"] == 2**70 and lines[1]["thing"].startswith("<object object")
     assert lines[0]["level"] == "info" and lines[0]["logger"] == "wavechain.test"
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_access_lines_take_the_same_timestamp_redaction_and_renderer(
+    as_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The access line's short path still stamps, redacts and renders like any line: a
+    token in a client-supplied request id and a webhook path are cut, in JSON and on
+    the console alike."""
+    configure_logging(json=as_json, level="INFO")
+    try:
+        assert service_logging.access_writer is not None
+        service_logging.access_writer({
+            "method": "POST", "route": "/webhooks/wavespeed/{token}", "status": 200,
+            "request_id": "Bearer sk-live-123", "path": "/webhooks/wavespeed/AbCdEfGhIjKlMn",
+            "duration_ms": 1.5, "api_key": "k-1",
+        })  # fmt: skip
+        err = capsys.readouterr().err
+    finally:
+        _unconfigure()
+    assert err.count("\n") == 1
+    for leaked in ("sk-live-123", "AbCdEfGhIjKlMn", "k-1"):
+        assert leaked not in err
+    assert "http.request" in err and "/webhooks/wavespeed/{token}" in err
+    if as_json:
+        line = json.loads(err)
+        assert (line["level"], line["logger"], line["status"]) == ("info", "wavechain.access", 200)
+        assert line["request_id"] == f"Bearer {REDACTED}" and line["api_key"] == REDACTED
+        assert datetime.fromisoformat(line["timestamp"]) <= datetime.now(UTC)
