@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipelines import spec as specs
 from pipelines.state import Submitted, TaskSucceeded
-from pipelines.store import Store
+from pipelines.store import Store, WebhookOutcome
 
 IMG = "wavespeed-ai/hunyuan-image-2.1"
 PIPELINE = specs.parse({"stages": {"a": {"model": IMG, "input": {"prompt": "x"}}}}, where="t")
+
+
+def deliver_completed(
+    store: Store, token: str, task_id: str, *, webhook_id: str, now: float
+) -> Coroutine[Any, Any, WebhookOutcome]:
+    """A verified WaveSpeed delivery saying ``task_id`` completed with one output."""
+    return store.webhook(
+        provider="wavespeed", webhook_id=webhook_id, token=token, task_id=task_id,
+        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, task_id, ("u",)), now=now,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -46,17 +58,11 @@ async def test_webhook_before_submit_commit_is_not_yet(store: Store) -> None:
     run_id = await store.create_run(PIPELINE, {}, now=100.0)
     (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
     await store.record_attempt(job, "tok-abc", now=100.0)
-    outcome = await store.webhook(
-        provider="wavespeed", webhook_id="w1", token="tok-abc", task_id="t1",
-        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)), now=101.0,
-    )  # fmt: skip
+    outcome = await deliver_completed(store, "tok-abc", "t1", webhook_id="w1", now=101.0)
     assert outcome.effect == "not_yet"
     assert await store.deliveries(run_id) == []
     await store.accept_attempt(job, "tok-abc", "t1", [Submitted("a", 1, "t1")], now=101.0)
-    outcome = await store.webhook(
-        provider="wavespeed", webhook_id="w1", token="tok-abc", task_id="t1",
-        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)), now=102.0,
-    )  # fmt: skip
+    outcome = await deliver_completed(store, "tok-abc", "t1", webhook_id="w1", now=102.0)
     assert outcome.effect == "applied"
     run = await store.get_run(run_id)
     assert run is not None and run.status == "succeeded"
@@ -68,10 +74,7 @@ async def test_lost_submit_answer_adopts_task_from_signed_callback(store: Store)
     (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
     await store.record_attempt(job, "tok-lost", now=100.0)
     await store.set_attempt_state(job, "unknown", drop_job=True)
-    outcome = await store.webhook(
-        provider="wavespeed", webhook_id="w9", token="tok-lost", task_id="t9",
-        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t9", ("u",)), now=101.0,
-    )  # fmt: skip
+    outcome = await deliver_completed(store, "tok-lost", "t9", webhook_id="w9", now=101.0)
     assert outcome.effect == "applied"
     run = await store.get_run(run_id)
     assert run is not None and run.stages[0].task_id == "t9"
@@ -84,9 +87,7 @@ async def test_concurrent_duplicate_deliveries_apply_once(store: Store) -> None:
     await store.record_attempt(job, "tok", now=100.0)
     await store.accept_attempt(job, "tok", "t1", [Submitted("a", 1, "t1")], now=100.0)
     outcomes = await asyncio.gather(*(
-        store.webhook(provider="wavespeed", webhook_id="same", token="tok", task_id="t1",
-                      status="completed", now=101.0,
-                      make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)))
+        deliver_completed(store, "tok", "t1", webhook_id="same", now=101.0)
         for _ in range(50)
     ))  # fmt: skip
     effects = sorted(o.effect for o in outcomes)
@@ -246,10 +247,7 @@ async def test_a_claimed_job_knows_when_it_became_due(store: Store) -> None:
     assert (job.stage, job.due_at) == ("a", 100.0)
     await store.record_attempt(job, "tok-a", now=100.5)
     await store.accept_attempt(job, "tok-a", "t1", [Submitted("a", 1, "t1")], now=100.5)
-    outcome = await store.webhook(
-        provider="wavespeed", webhook_id="w1", token="tok-a", task_id="t1",
-        status="completed", make_event=lambda s, a: TaskSucceeded(s, a, "t1", ("u",)), now=150.25,
-    )  # fmt: skip
+    outcome = await deliver_completed(store, "tok-a", "t1", webhook_id="w1", now=150.25)
     assert outcome.effect == "applied"
     (downstream,) = await store.claim_jobs(now=151.0, limit=1, lease_s=30)
     assert (downstream.stage, downstream.due_at) == ("b", 150.25)
