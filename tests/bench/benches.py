@@ -496,6 +496,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             threads = f"{c.get('loop', '?')} + {c.get('other_threads', '?')}" if c else "?"
             return f"| {label} | {med.get(key, '?')} | {p99.get(key, '?')} | {threads} | {ratio} |"
 
+        loud, quiet = cpu.get("wavechain", {}), cpu.get("wavechain_quiet", {})
+        access_us = loud["loop"] - quiet["loop"] if loud and quiet else "?"
         lines += [
             "## 1. Receiver throughput",
             "",
@@ -530,11 +532,13 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "parsing the prediction, middleware (request id, error mapping), handing the",
             "operation to the SQLite writer and waking on its answer, and the writer's own",
             "work (look up the attempt, check the webhook-id, load the run's state from cache,",
-            "decide, insert the delivery: about 60 µs alone, 70-100 µs under load). That",
-            "makes the WARNING row. The INFO row adds one JSON access line per delivery,",
+            "decide, insert the delivery, commit: "
+            f"{cpu.get('wavechain_quiet', {}).get('other_threads', '?')} µs in this run).",
+            "That makes the WARNING row. The INFO row adds one JSON access line per delivery,",
             "written by a short path (same timestamp, redaction, renderer and write as any",
-            "line, without structlog's bound-logger machinery): about 30 µs of loop CPU under",
-            "load, where going through a bound logger had cost 95-110 µs (A/B runs). Not the",
+            "line, without structlog's bound-logger machinery): "
+            f"{access_us} µs of loop CPU in this run,",
+            "where going through a bound logger had cost 95-110 µs (A/B runs, 2026-11-23). Not the",
             "limit (tried and measured): group commit (one transaction per loop turn, about",
             "30 deliveries per commit), GIL hand-offs between loop and writer (running the",
             "whole batch on the loop thread changed nothing), savepoints (6 µs), the log",
