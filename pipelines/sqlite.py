@@ -2,8 +2,11 @@
 
 Operations are plain functions of a ``sqlite3.Connection``. Those queued in one turn of
 the event loop reach the writer together, and whatever is queued while a commit is in
-progress runs in the next transaction, each inside its own
-SAVEPOINT so one failure rolls back only itself. Callers are answered only after
+progress runs in the next transaction. One failure rolls back only itself: a batch in
+which an operation raises is rolled back and run again with each operation inside its
+own SAVEPOINT (savepoints cost two statements per operation, and failures are rare).
+So an operation may run twice; it must be a function of the database and its own
+arguments, as every operation of the store is. Callers are answered only after
 the COMMIT that holds their work has returned: durable before acknowledged, at
 one fsync per batch instead of one per operation.
 
@@ -82,9 +85,12 @@ class GroupCommitter:
             self._thread.join()
             self._thread = None
 
-    async def run(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
-        """Run ``op`` in the next transaction; answered once that transaction is committed
-        (and, if ``durable``, on disk)."""
+    def run(
+        self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True
+    ) -> asyncio.Future[T]:
+        """Run ``op`` in the next transaction; the future is answered once that
+        transaction is committed (and, if ``durable``, on disk). A plain function handing
+        back the future, not a coroutine: one frame less to create and resume per call."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         # Operations queued during one turn of the loop go to the writer together, at the
@@ -95,7 +101,7 @@ class GroupCommitter:
             pending = self._pending[loop] = []
             loop.call_soon(self._hand_over, loop)
         pending.append(_Op(op, future, loop, durable))
-        return await future
+        return future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.put(self._pending.pop(loop))
@@ -133,7 +139,16 @@ class GroupCommitter:
                         self._queue.put(_STOP)
                         break
                     batch.extend(item)
-                self._run_batch(conn, batch)
+                try:
+                    self._run_batch(conn, batch)
+                except Exception as exc:  # the connection itself failed (disk, I/O)
+                    # Answered with the error, never left waiting; the next batch begins
+                    # on a clean connection.
+                    with contextlib.suppress(sqlite3.Error):
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                    self._on_rollback()
+                    self._answer(batch, [(None, exc)] * len(batch))
         finally:
             conn.close()
 
@@ -144,18 +159,30 @@ class GroupCommitter:
             conn.execute(f"PRAGMA synchronous={wanted}")
             self._current = wanted
         conn.execute("BEGIN IMMEDIATE")
-        for op in batch:
-            conn.execute("SAVEPOINT op")
-            try:
-                value = op.run(conn)
-            except BaseException as exc:  # handed to the awaiting caller
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                self._on_rollback()
-                results.append((None, exc))
-            else:
-                conn.execute("RELEASE op")
-                results.append((value, None))
+        try:
+            # Operations almost never fail: run the batch without a savepoint per
+            # operation (two statements each, a tenth of a delivery's writer time)...
+            results.extend((op.run(conn), None) for op in batch)
+        except BaseException:
+            # ...and if one does, undo the whole batch and run it again with each
+            # operation inside its own savepoint, so that only the failing one is lost.
+            results.clear()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._on_rollback()
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.run(conn)
+                except BaseException as exc:  # handed to the awaiting caller
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    self._on_rollback()
+                    results.append((None, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((value, None))
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -164,6 +191,9 @@ class GroupCommitter:
             results = [(None, exc)] * len(batch)
         self.batches += 1
         self.operations += len(batch)
+        self._answer(batch, results)
+
+    def _answer(self, batch: list[_Op], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, Any]]] = {}
         for op, (value, error) in zip(batch, results, strict=True):

@@ -347,9 +347,18 @@ class Store:
         hashed = token_hash(token)
 
         def op(conn: sqlite3.Connection) -> WebhookOutcome:
+            # One statement reads all this delivery needs: the attempt, the webhook-id's
+            # earlier delivery if any, and the run's version for the cached state (each
+            # statement is a round of Python-to-SQLite work on the writer, the receiver's
+            # bottleneck).
             row = conn.execute(
-                "SELECT run_id, stage, attempt, task_id, state FROM attempts WHERE token_hash = ?",
-                (hashed,),
+                "SELECT a.run_id, a.stage, a.attempt, a.task_id, a.state, "
+                "r.cancelled, r.mirror, r.version, "
+                "EXISTS (SELECT 1 FROM deliveries WHERE provider = ? AND webhook_id = ?) "
+                "AS seen "
+                "FROM attempts AS a LEFT JOIN runs AS r ON r.id = a.run_id "
+                "WHERE a.token_hash = ?",
+                (provider, webhook_id, hashed),
             ).fetchone()
             if row is None:
                 return WebhookOutcome("unknown_token")
@@ -369,14 +378,10 @@ class Store:
             # Writers are serialised (one transaction at a time, BEGIN IMMEDIATE across
             # processes), so a delivery not seen here is not being recorded elsewhere: it
             # is written once, with its effect, after the event is applied.
-            seen = conn.execute(
-                "SELECT 1 FROM deliveries WHERE provider = ? AND webhook_id = ?",
-                (provider, webhook_id),
-            ).fetchone()
-            if seen is not None:
+            if row["seen"]:
                 return WebhookOutcome("duplicate", run_id, stage)
             event = make_event(stage, attempt)
-            changed = event is not None and self._apply(conn, run_id, event, now).changed
+            changed = event is not None and self._apply(conn, run_id, event, now, run=row).changed
             effect: WebhookEffect = "applied" if changed else "no_effect"
             conn.execute(
                 "INSERT INTO deliveries (provider, webhook_id, run_id, stage, attempt, task_id, "
@@ -419,10 +424,13 @@ class Store:
             self._pipelines.popitem(last=False)
         return pipeline
 
-    def _load_state(self, conn: sqlite3.Connection, run_id: str) -> tuple[RunState, int]:
-        run = conn.execute(
-            "SELECT cancelled, mirror, version FROM runs WHERE id = ?", (run_id,)
-        ).fetchone()
+    def _load_state(
+        self, conn: sqlite3.Connection, run_id: str, run: sqlite3.Row | None = None
+    ) -> tuple[RunState, int]:
+        if run is None or run["version"] is None:  # not read yet, or no such run
+            run = conn.execute(
+                "SELECT cancelled, mirror, version FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
         if run is None:
             raise KeyError(run_id)
         version = run["version"]
@@ -450,9 +458,19 @@ class Store:
         self._remember_state(state, version)
         return state, version
 
-    def _apply(self, conn: sqlite3.Connection, run_id: str, event: Event, now: float) -> Decision:
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        run_id: str,
+        event: Event,
+        now: float,
+        *,
+        run: sqlite3.Row | None = None,
+    ) -> Decision:
+        """``run``: the run's row (cancelled, mirror, version) if already read in this
+        transaction."""
         pipeline = self._pipeline(conn, run_id)
-        before, version = self._load_state(conn, run_id)
+        before, version = self._load_state(conn, run_id, run)
         decision = decide(pipeline, before, event, now=now)
         if not decision.changed:
             return decision

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import json as _json
 import logging
@@ -127,21 +129,61 @@ def _dumps(event_dict: Any, **kw: Any) -> str:
 
 
 _LOCK = threading.RLock()
+# Access lines written during the current turn of the event loop, not yet on stderr.
+_held: list[str] = []
 
 
 def _write(line: str) -> None:
     with _LOCK:
+        if _held:
+            _flush_held_locked()  # lines keep the order in which they were written
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
+
+
+def _flush_held_locked() -> None:
+    lines = "\n".join(_held) + "\n"
+    _held.clear()
+    sys.stderr.write(lines)
+    sys.stderr.flush()
+
+
+def flush_held() -> None:
+    """Write out the access lines held for the end of this turn of the event loop."""
+    with _LOCK:
+        if _held:
+            _flush_held_locked()
+
+
+def _write_this_turn(line: str) -> None:
+    """Hold an access line until the end of the current turn of the event loop, then
+    write all the lines held with one system call: under load a turn finishes dozens of
+    requests, and a write per line was a twentieth of the event loop's time. Any other
+    line written meanwhile (from any thread) writes the held ones first, so the order of
+    lines is kept; at exit, whatever is still held is written."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not on an event loop: nothing would flush, so write now
+        _write(line)
+        return
+    with _LOCK:
+        first = not _held
+        _held.append(line)
+    if first:
+        loop.call_soon(flush_held)
+
+
+atexit.register(flush_held)
 
 
 #: Writes one access line (``http.request``) from its fields; set by configure_logging.
 #: The access line is the hottest log call (one per request), so it skips structlog's
 #: bound-logger machinery and the processors that have nothing to do for it: context
 #: variables (the line carries its request id and route itself), level and logger name
-#: (fixed), exceptions (none). Timestamp, redaction, renderer and the locked write are
-#: the same as every other line's. Measured under the receiver benchmark's load: about
-#: 45 µs less event-loop CPU per request than going through a bound logger.
+#: (fixed), exceptions (none). Timestamp, redaction and renderer are the same as every
+#: other line's; the write is held to the end of the event loop's turn (_write_this_turn).
+#: Measured under the receiver benchmark's load: about 45 µs less event-loop CPU per
+#: request than going through a bound logger.
 access_writer: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -185,7 +227,9 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
 
     def write_access(fields: dict[str, Any]) -> None:
         line = {"event": "http.request", **fields, "level": "info", "logger": "wavechain.access"}
-        _write(renderer(None, "info", redact(None, "info", timestamp(None, "info", line))))
+        _write_this_turn(
+            renderer(None, "info", redact(None, "info", timestamp(None, "info", line)))
+        )
 
     global access_writer
     access_writer = write_access

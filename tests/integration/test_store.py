@@ -123,19 +123,68 @@ async def test_operations_of_one_loop_turn_share_one_commit(tmp_path: Path) -> N
         def insert(x: int):
             return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (x,)).rowcount
 
+        async def soon(x: int) -> int:  # queued when its task first runs, the next turn
+            return await db.run(insert(x))
+
         async def late(x: int) -> int:
             time.sleep(0.05)  # noqa: ASYNC251 (blocks on purpose: same turn, writer idle)
             return await db.run(insert(x))
 
         results = await asyncio.gather(
-            *(db.run(insert(i)) for i in range(99)), late(99), db.run(insert(5)),
-            return_exceptions=True,
-        )  # fmt: skip
+            *(soon(i) for i in range(99)), late(99), soon(5), return_exceptions=True
+        )
         assert results[:100] == [1] * 100
         assert isinstance(results[100], sqlite3.IntegrityError)
         assert (db.batches, db.operations) == (1, 101)
         count = await db.run(lambda conn: conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
         assert count == 100 and db.batches == 2
+    finally:
+        db.stop()
+
+
+async def test_a_failing_operation_neither_undoes_nor_repeats_its_batch(store: Store) -> None:
+    """A delivery and a failing operation in one transaction: the batch is undone and run
+    again with each operation in a savepoint, so the delivery takes effect exactly once
+    (one stage.succeeded event, one delivery row) and only the failing caller gets an
+    error."""
+    import sqlite3
+
+    run_id = await store.create_run(PIPELINE, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
+    await store.record_attempt(job, "tok", now=100.0)
+    await store.accept_attempt(job, "tok", "t1", [Submitted("a", 1, "t1")], now=100.0)
+    batches = store.stats["batches"]
+    delivered, again = await asyncio.gather(
+        deliver_completed(store, "tok", "t1", webhook_id="w1", now=101.0),
+        store.record_attempt(job, "tok", now=101.0),  # the same attempt twice: refused
+        return_exceptions=True,
+    )
+    assert store.stats["batches"] == batches + 1  # both were in one transaction
+    assert isinstance(delivered, WebhookOutcome) and delivered.effect == "applied"
+    assert isinstance(again, sqlite3.IntegrityError)
+    run = await store.get_run(run_id)
+    assert run is not None and run.status == "succeeded"
+    assert [e["type"] for e in await store.outbox(run_id)].count("stage.succeeded") == 1
+    assert len(await store.deliveries(run_id)) == 1
+    duplicate = await deliver_completed(store, "tok", "t1", webhook_id="w1", now=102.0)
+    assert duplicate.effect == "duplicate"
+
+
+async def test_writer_answers_and_goes_on_when_its_transaction_breaks(tmp_path: Path) -> None:
+    """An operation that ends the batch's transaction itself makes the COMMIT fail and
+    its rollback too: the callers get the error (not a wait forever on a dead writer
+    thread) and the next operation commits as usual."""
+    import sqlite3
+
+    from pipelines.sqlite import GroupCommitter
+
+    db = GroupCommitter(str(tmp_path / "g.db"), schema="CREATE TABLE t (x INTEGER);")
+    db.start()
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="no transaction is active"):
+            await asyncio.wait_for(db.run(lambda conn: conn.execute("ROLLBACK")), 10)
+        insert = await db.run(lambda conn: conn.execute("INSERT INTO t VALUES (1)").rowcount)
+        assert insert == 1
     finally:
         db.stop()
 

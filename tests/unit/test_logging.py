@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -130,3 +131,27 @@ def test_access_lines_take_the_same_timestamp_redaction_and_renderer(
         assert (line["level"], line["logger"], line["status"]) == ("info", "wavechain.access", 200)
         assert line["request_id"] == f"Bearer {REDACTED}" and line["api_key"] == REDACTED
         assert datetime.fromisoformat(line["timestamp"]) <= datetime.now(UTC)
+
+
+async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On an event loop, access lines wait for the end of the loop's turn and then go
+    out together; any other line written meanwhile writes the held ones first, so the
+    order on stderr is the order in which lines were logged."""
+    configure_logging(json=True, level="INFO")
+    try:
+        assert service_logging.access_writer is not None
+        for i in range(3):
+            service_logging.access_writer({"method": "GET", "status": 200, "n": i})
+        held = capsys.readouterr().err
+        structlog.get_logger("wavechain.test").info("between")
+        service_logging.access_writer({"method": "GET", "status": 200, "n": 3})
+        await asyncio.sleep(0)  # the end of this turn: the last access line goes out
+        await asyncio.sleep(0)
+        err = capsys.readouterr().err
+    finally:
+        _unconfigure()
+    assert held == ""
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert [line.get("n", line["event"]) for line in lines] == [0, 1, 2, "between", 3]
