@@ -274,8 +274,8 @@ class S3Mirror:
         content_type: str,
         metadata: Mapping[str, str],
     ) -> MirroredObject:
-        """Pipe the download into one PutObject: a task feeds chunks, a thread sends them."""
-        digest = hashlib.sha256()
+        """Pipe the download into one PutObject: a task feeds chunks, a thread sends them
+        (and hashes them, off the event loop, which reads the download meanwhile)."""
         send, receive = anyio.create_memory_object_stream[bytes](_PIPE_CHUNKS)
         failed: list[Exception] = []
 
@@ -283,7 +283,6 @@ class S3Mirror:
             async with send:
                 try:
                     async for chunk in resp.content.iter_chunked(_READ):
-                        digest.update(chunk)
                         await send.send(chunk)
                 except Exception as exc:  # re-raised below, once the upload has stopped
                     failed.append(exc)
@@ -306,7 +305,7 @@ class S3Mirror:
             raise failed[0] from None
         if upload_error is not None:
             raise upload_error
-        sha = digest.hexdigest()
+        sha = body.sha256()
         await self._tag(key, sha)
         return MirroredObject(f"s3://{self.config.bucket}/{key}", key, length, sha, content_type)
 
@@ -350,6 +349,10 @@ class _PipeReader:
     ``len()`` is the declared size, so botocore sends Content-Length (or, over TLS, the
     decoded length of a trailer-checksummed body) without seeking. A source that ends
     early raises instead of sending a short body the server would wait on.
+
+    Each chunk is hashed here, in the uploading thread (hashlib lets go of the GIL), not
+    on the event loop: there it was the largest part of the loop's work per byte, and
+    the loop's reading of the download is what paces the copy.
     """
 
     def __init__(self, chunks: MemoryObjectReceiveStream[bytes], length: int) -> None:
@@ -357,14 +360,21 @@ class _PipeReader:
         self._length = length
         self._read = 0
         self._view = memoryview(b"")
+        self._digest = hashlib.sha256()
 
     def __len__(self) -> int:
         return self._length
 
+    def sha256(self) -> str:
+        """The hex SHA-256 of every byte handed out; read once the upload has ended."""
+        return self._digest.hexdigest()
+
     def read(self, size: int | None = -1) -> bytes:
         if not self._view:
             try:
-                self._view = memoryview(anyio.from_thread.run(self._chunks.receive))
+                chunk = anyio.from_thread.run(self._chunks.receive)
+                self._digest.update(chunk)
+                self._view = memoryview(chunk)
             except (EndOfStream, anyio.ClosedResourceError):
                 if self._read != self._length:
                     raise MirrorSourceError(
