@@ -27,7 +27,9 @@ REPEATS = 3
 #: installs it from Debian where it can), else our aiohttp client, which needs a core itself.
 WRK = shutil.which("wrk")
 WRK_THREADS = 1
-#: The mirror's copies vary most between repetitions (four processes share two cores).
+#: The receiver's and the mirror's figures vary most between repetitions (several busy
+#: processes share two cores): more repetitions, each paired with its baseline.
+RECEIVER_REPEATS = 5
 MIRROR_REPEATS = 5
 
 
@@ -208,7 +210,7 @@ def receiver(work: Path) -> dict[str, Any]:
                 "wavechain": (None, server.pid),
                 "wavechain_quiet": (None, quiet.pid),
             }
-            for rep in range(REPEATS):
+            for rep in range(RECEIVER_REPEATS):
                 for name in RECEIVER_TARGETS:
                     port, pid = targets[name]
                     path = work / f"deliveries-{name}.jsonl"
@@ -228,6 +230,11 @@ def receiver(work: Path) -> dict[str, Any]:
         for db in (work / "receiver.db", work / "receiver-quiet.db"):
             with contextlib.closing(sqlite3.connect(db)) as conn:
                 recorded += conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+
+    def paired(target: str, baseline: str) -> list[float]:
+        return [round(t["rps"] / b["rps"], 2)
+                for t, b in zip(raw[target], raw[baseline], strict=True)]  # fmt: skip
+
     accepted = sum(r["requests"] - r["errors"] for n in ("wavechain", "wavechain_quiet")
                    for r in raw[n])  # fmt: skip
     med = {k: statistics.median(r["rps"] for r in v) for k, v in raw.items()}
@@ -239,9 +246,13 @@ def receiver(work: Path) -> dict[str, Any]:
         "rps_median": {k: round(v) for k, v in med.items()},
         "p99_ms_median": {k: round(v, 1) for k, v in p99.items()},
         "cpu_us_per_request_median": cpu,
-        "ratio_vs_verify_only": round(med["wavechain"] / med["verify"], 2),
-        "ratio_quiet_vs_verify_only": round(med["wavechain_quiet"] / med["verify"], 2),
-        "ratio_vs_bare": round(med["wavechain"] / med["bare"], 2),
+        # Medians of each repetition's ratio: a target and its baseline load the machine
+        # seconds apart in one repetition, while repetitions are a minute apart.
+        "ratio_vs_verify_only": statistics.median(paired("wavechain", "verify")),
+        "ratios_vs_verify_only": paired("wavechain", "verify"),
+        "ratio_quiet_vs_verify_only": statistics.median(paired("wavechain_quiet", "verify")),
+        "ratios_quiet_vs_verify_only": paired("wavechain_quiet", "verify"),
+        "ratio_vs_bare": statistics.median(paired("wavechain", "bare")),
         "accepted_2xx": accepted,
         "recorded_in_store": recorded,
         "errors": {k: sum(r["errors"] for r in v) for k, v in raw.items()},
@@ -495,8 +506,10 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     lines = [
         "# wavechain benchmarks",
         "",
-        f"Machine: {meta['machine']}. Date: {meta['date']}. Medians of {REPEATS} repetitions,",
-        "each beside its baseline in the same run. Raw numbers: `results.json`.",
+        f"Machine: {meta['machine']}. Date: {meta['date']}. Medians of {REPEATS} repetitions",
+        f"({RECEIVER_REPEATS} for the receiver and the mirror), each beside its baseline in",
+        "the same run; ratios are medians of each repetition's ratio to the baseline run",
+        "beside it. Raw numbers: `results.json`.",
         "",
     ]
     if "receiver" in results:
@@ -536,6 +549,9 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
                 str(r.get("ratio_quiet_vs_verify_only", "?")),
             ),
             "",
+            f"Each repetition's ratio to verify-only: INFO {r.get('ratios_vs_verify_only', '?')},",
+            f"WARNING {r.get('ratios_quiet_vs_verify_only', '?')}.",
+            "",
             f"Accepted with 2xx: {r['accepted_2xx']}; recorded in the store: "
             f"{r['recorded_in_store']} (more recorded than acknowledged: the load generator",
             "stops while answers are on the way; never fewer).",
@@ -545,16 +561,17 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "parsing the prediction, middleware (request id, error mapping), handing the",
             "operation to the SQLite writer and waking on its answer, and the writer's own",
             "work (look up the attempt, check the webhook-id, load the run's state from cache,",
-            "decide, insert the delivery, commit: "
+            "decide, insert the delivery, commit; since 2026-12-02 the lookups are one",
+            "statement and a batch runs without a savepoint per operation: "
             f"{cpu.get('wavechain_quiet', {}).get('other_threads', '?')} µs in this run).",
             "That makes the WARNING row. The INFO row adds one JSON access line per delivery,",
             "written by a short path (same timestamp, redaction, renderer and write as any",
-            "line, without structlog's bound-logger machinery): "
-            f"{access_us} µs of loop CPU in this run,",
-            "where going through a bound logger had cost 95-110 µs (A/B runs, 2026-11-23). Not the",
-            "limit (tried and measured): group commit (one transaction per loop turn, about",
-            "30 deliveries per commit), GIL hand-offs between loop and writer (running the",
-            "whole batch on the loop thread changed nothing), savepoints (6 µs), the log",
+            "line, without structlog's bound-logger machinery, and held to the end of the",
+            f"loop's turn to be written with one system call): {access_us} µs of loop CPU in",
+            "this run, where going through a bound logger had cost 95-110 µs (A/B runs,",
+            "2026-11-23). Not the limit (tried and measured): group commit (one transaction",
+            "per loop turn, about 30 deliveries per commit), GIL hand-offs between loop and",
+            "writer (running the whole batch on the loop thread changed nothing), the log",
             "file's disk. Where the budget goes, split by an A/B run (2026-12-01, not kept",
             "in the code): with the store left out altogether (the handler answering right",
             "after verify and parse), `serve` made 0.72 of verify-only at INFO (0.63-0.80",
