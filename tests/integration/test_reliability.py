@@ -24,15 +24,21 @@ async def test_dropped_deliveries_complete_by_reconciliation(
         assert (await wc.wait(run_id, limit_s=60))["status"] == "succeeded"
     counters = await emulator.counters()
     sweeper = wc.app[keys.SWEEPER]
+    store = wc.app[keys.ENGINE].store
     dropped = counters["webhooks_dropped"]
     polls = counters.get("result_polls", 0)
-    print(f"\n24 stages, {dropped} webhooks dropped, {polls} result polls, "
+    # A webhook that was sent but came later than the 0.3 s callback timeout (a busy
+    # machine) finds its stage already done by reconciliation: recorded as no_effect.
+    late = 0
+    for run_id in ids:
+        late += sum(d["effect"] == "no_effect" for d in await store.deliveries(run_id))
+    print(f"\n24 stages, {dropped} webhooks dropped, {late} late, {polls} result polls, "
           f"{sweeper.applied} results applied by reconciliation")  # fmt: skip
-    assert dropped > 0 and sweeper.applied == dropped
+    # Every result reconciliation applied is accounted for: a dropped webhook or a late one.
+    assert dropped > 0 and sweeper.applied == dropped + late
     assert counters["result_polls"] == sweeper.polls
-    # Only silent stages were asked about: polls are bounded by the dropped webhooks.
-    assert sweeper.polls <= 3 * dropped
-    store = wc.app[keys.ENGINE].store
+    # Only silent stages were asked about: polls are bounded by the silent stages.
+    assert sweeper.polls <= 3 * (dropped + late)
     for run_id in ids:
         types = Counter(e["type"] for e in await store.outbox(run_id))
         assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1
