@@ -187,6 +187,16 @@ atexit.register(flush_held)
 access_writer: Callable[[dict[str, Any]], None] | None = None
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stdlib records' handler: writes the held access lines first, like ``_write``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with _LOCK:
+            if _held:
+                _flush_held_locked()
+            super().emit(record)
+
+
 class _StderrLogger:
     """structlog's output for our own events: one finished line to the current
     ``sys.stderr``, under the same lock as the stdlib handler, so lines from threads
@@ -240,7 +250,7 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO") -> None:
         logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.lock = _LOCK
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

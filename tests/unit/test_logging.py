@@ -145,8 +145,10 @@ async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_orde
         for i in range(3):
             service_logging.access_writer({"method": "GET", "status": 200, "n": i})
         held = capsys.readouterr().err
-        structlog.get_logger("wavechain.test").info("between")
+        logging.getLogger("aiohttp.test").warning("stdlib")  # a library's record
         service_logging.access_writer({"method": "GET", "status": 200, "n": 3})
+        structlog.get_logger("wavechain.test").info("between")  # one of ours
+        service_logging.access_writer({"method": "GET", "status": 200, "n": 4})
         await asyncio.sleep(0)  # the end of this turn: the last access line goes out
         await asyncio.sleep(0)
         err = capsys.readouterr().err
@@ -154,4 +156,5 @@ async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_orde
         _unconfigure()
     assert held == ""
     lines = [json.loads(line) for line in err.splitlines()]
-    assert [line.get("n", line["event"]) for line in lines] == [0, 1, 2, "between", 3]
+    order = [line.get("n", line["event"]) for line in lines]
+    assert order == [0, 1, 2, "stdlib", 3, "between", 4]
