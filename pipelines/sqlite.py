@@ -140,19 +140,26 @@ class GroupCommitter:
                         break
                     batch.extend(item)
                 try:
-                    self._run_batch(conn, batch)
-                except Exception as exc:  # the connection itself failed (disk, I/O)
-                    # Answered with the error, never left waiting; the next batch begins
-                    # on a clean connection.
+                    results = self._run_batch(conn, batch)
+                except Exception as exc:  # the COMMIT, or the connection itself, failed
+                    # Every caller is answered with the error, never left waiting; the
+                    # next batch begins on a clean connection.
                     with contextlib.suppress(sqlite3.Error):
                         if conn.in_transaction:
                             conn.execute("ROLLBACK")
                     self._on_rollback()
-                    self._answer(batch, [(None, exc)] * len(batch))
+                    results = [(None, exc)] * len(batch)
+                self.batches += 1
+                self.operations += len(batch)
+                self._answer(batch, results)
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[_Op]
+    ) -> list[tuple[Any, BaseException | None]]:
+        """Each operation's (value, error), once the batch is committed; raises if the
+        COMMIT fails."""
         results: list[tuple[Any, BaseException | None]] = []
         wanted = self._synchronous if any(op.durable for op in batch) else self._relaxed
         if wanted != self._current:
@@ -183,15 +190,8 @@ class GroupCommitter:
                 else:
                     conn.execute("RELEASE op")
                     results.append((value, None))
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            self._on_rollback()
-            results = [(None, exc)] * len(batch)
-        self.batches += 1
-        self.operations += len(batch)
-        self._answer(batch, results)
+        conn.execute("COMMIT")
+        return results
 
     def _answer(self, batch: list[_Op], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per loop per batch, not one per operation.

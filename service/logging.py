@@ -135,24 +135,23 @@ _held: list[str] = []
 
 def _write(line: str) -> None:
     with _LOCK:
-        if _held:
-            _flush_held_locked()  # lines keep the order in which they were written
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        # After any held access lines, in one write: lines keep the order of writing.
+        _held.append(line)
+        _flush_held_locked()
 
 
 def _flush_held_locked() -> None:
-    lines = "\n".join(_held) + "\n"
-    _held.clear()
-    sys.stderr.write(lines)
-    sys.stderr.flush()
+    if _held:
+        lines = "\n".join(_held) + "\n"
+        _held.clear()
+        sys.stderr.write(lines)
+        sys.stderr.flush()
 
 
 def flush_held() -> None:
     """Write out the access lines held for the end of this turn of the event loop."""
     with _LOCK:
-        if _held:
-            _flush_held_locked()
+        _flush_held_locked()
 
 
 def _write_this_turn(line: str) -> None:
@@ -192,8 +191,7 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         with _LOCK:
-            if _held:
-                _flush_held_locked()
+            _flush_held_locked()
             super().emit(record)
 
 

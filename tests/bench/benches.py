@@ -142,6 +142,13 @@ def _load(path: Path, seconds: float, connections: int = 64) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _paired(runs: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str) -> list[float]:
+    """Each repetition's ``key`` over its baseline's in the same repetition: neighbours
+    in time share the machine's mood, which a ratio of medians across repetitions
+    ignores."""
+    return [round(r[key] / b[key], 2) for r, b in zip(runs, baseline, strict=True)]
+
+
 def _thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of ``pid``, by thread id."""
     return {
@@ -235,8 +242,7 @@ def receiver(work: Path) -> dict[str, Any]:
                 recorded += conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
 
     def paired(target: str, baseline: str) -> list[float]:
-        return [round(t["rps"] / b["rps"], 2)
-                for t, b in zip(raw[target], raw[baseline], strict=True)]  # fmt: skip
+        return _paired(raw[target], raw[baseline], "rps")
 
     accepted = sum(r["requests"] - r["errors"] for n in ("wavechain", "wavechain_quiet")
                    for r in raw[n])  # fmt: skip
@@ -249,8 +255,6 @@ def receiver(work: Path) -> dict[str, Any]:
         "rps_median": {k: round(v) for k, v in med.items()},
         "p99_ms_median": {k: round(v, 1) for k, v in p99.items()},
         "cpu_us_per_request_median": cpu,
-        # Medians of each repetition's ratio: a target and its baseline load the machine
-        # seconds apart in one repetition, while repetitions are a minute apart.
         "ratio_vs_verify_only": statistics.median(paired("wavechain", "verify")),
         "ratios_vs_verify_only": paired("wavechain", "verify"),
         "ratio_quiet_vs_verify_only": statistics.median(paired("wavechain_quiet", "verify")),
@@ -401,18 +405,15 @@ def mirror(work: Path) -> dict[str, Any]:
     rss = {m: statistics.median(r["peak_rss_growth_mib"] for r in v) for m, v in raw.items()}
 
     def paired(mode: str) -> list[float]:
-        """Each repetition's speed over the baseline's in the same repetition."""
-        return [round(a["mb_per_s"] / b["mb_per_s"], 2)
-                for a, b in zip(raw[mode], raw["memory"], strict=True)]  # fmt: skip
+        return _paired(raw[mode], raw["memory"], "mb_per_s")
 
     return {
         "bytes": size,
         "mb_per_s": {m: round(v, 1) for m, v in speed.items()},
         "peak_rss_growth_mib": {m: round(v, 1) for m, v in rss.items()},
-        # Per-repetition ratios (neighbours in time share the machine's mood), combined
-        # by their geometric mean: with the order alternating over an even number of
-        # repetitions, the first-in-repetition penalty falls on each mode equally often
-        # and cancels out of the mean, where a median would pick one side.
+        # The geometric mean of the per-repetition ratios: with the order alternating
+        # over an even number of repetitions, the first-in-repetition penalty falls on
+        # each mode equally often and cancels out, where a median would pick one side.
         "speed_ratio": round(statistics.geometric_mean(paired("stream")), 2),
         "speed_ratios": paired("stream"),
         "multipart_speed_ratio": round(statistics.geometric_mean(paired("multipart")), 2),
