@@ -52,7 +52,9 @@ class Prediction:
 
 def parse_prediction(data: Any) -> Prediction:
     """The prediction object of an envelope's ``data`` or a webhook body. Raises ValueError."""
-    if not isinstance(data, Mapping):
+    # Once per delivery on the receiver's hot path: a decoded JSON object is a dict, so the
+    # ABC check (a Python-level __instancecheck__) is only reached by other mappings.
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise ValueError("prediction must be a JSON object")
     task_id, status = data.get("id"), data.get("status")
     if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
@@ -60,14 +62,17 @@ def parse_prediction(data: Any) -> Prediction:
     if not isinstance(status, str) or not status or len(status) > 50:
         raise ValueError("prediction.status must be a non-empty string")
     outputs = data.get("outputs") or []
-    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+    if not isinstance(outputs, list):
         raise ValueError("prediction.outputs must be a list of strings")
+    for output in outputs:
+        if not isinstance(output, str):
+            raise ValueError("prediction.outputs must be a list of strings")
     error = data.get("error") or ""
     if not isinstance(error, str):
         error = str(error)
     if status == "completed" and not outputs:
         raise ValueError("a completed prediction must have outputs")
-    return Prediction(id=task_id, status=status, outputs=tuple(outputs), error=error[:2000])
+    return Prediction(task_id, status, tuple(outputs), error[:2000])
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -117,6 +117,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sent_at, seq);
 """
 
+#: A run's (cancelled, mirror, version), as read from its row.
+_RunRow = tuple[Any, Any, Any] | sqlite3.Row
+
 #: Parsed specs and run states kept in memory, most recently used first.
 CACHED_RUNS = 2048
 
@@ -362,9 +365,10 @@ class Store:
             ).fetchone()
             if row is None:
                 return WebhookOutcome("unknown_token")
-            run_id, stage, attempt = row["run_id"], row["stage"], row["attempt"]
-            if row["task_id"] is None:
-                if row["state"] == "sending":
+            # By position: a Row looks names up one column at a time.
+            run_id, stage, attempt, known_task, state, cancelled, mirror, version, seen = row
+            if known_task is None:
+                if state == "sending":
                     # The submit's answer is not committed yet; the sender will retry.
                     return WebhookOutcome("not_yet", run_id, stage)
                 # The submit's answer was lost: the signed callback on this attempt's
@@ -373,15 +377,16 @@ class Store:
                     "UPDATE attempts SET task_id = ?, state = 'accepted' WHERE token_hash = ?",
                     (task_id, hashed),
                 )
-            elif row["task_id"] != task_id:
+            elif known_task != task_id:
                 return WebhookOutcome("task_mismatch", run_id, stage)
             # Writers are serialised (one transaction at a time, BEGIN IMMEDIATE across
             # processes), so a delivery not seen here is not being recorded elsewhere: it
             # is written once, with its effect, after the event is applied.
-            if row["seen"]:
+            if seen:
                 return WebhookOutcome("duplicate", run_id, stage)
             event = make_event(stage, attempt)
-            changed = event is not None and self._apply(conn, run_id, event, now, run=row).changed
+            run = (cancelled, mirror, version)
+            changed = event is not None and self._apply(conn, run_id, event, now, run=run).changed
             effect: WebhookEffect = "applied" if changed else "no_effect"
             conn.execute(
                 "INSERT INTO deliveries (provider, webhook_id, run_id, stage, attempt, task_id, "
@@ -425,15 +430,17 @@ class Store:
         return pipeline
 
     def _load_state(
-        self, conn: sqlite3.Connection, run_id: str, run: sqlite3.Row | None = None
+        self, conn: sqlite3.Connection, run_id: str, run: _RunRow | None = None
     ) -> tuple[RunState, int]:
-        if run is None or run["version"] is None:  # not read yet, or no such run
+        """``run``: the run's (cancelled, mirror, version) if already read in this
+        transaction."""
+        if run is None or run[2] is None:  # not read yet, or no such run
             run = conn.execute(
                 "SELECT cancelled, mirror, version FROM runs WHERE id = ?", (run_id,)
             ).fetchone()
         if run is None:
             raise KeyError(run_id)
-        version = run["version"]
+        cancelled, mirror, version = run
         cached = self._states.get(run_id)
         if cached is not None and cached[0] == version:
             return cached[1], version
@@ -454,7 +461,7 @@ class Store:
                 (run_id,),
             )
         }
-        state = RunState(run_id, stages, bool(run["cancelled"]), bool(run["mirror"]))
+        state = RunState(run_id, stages, bool(cancelled), bool(mirror))
         self._remember_state(state, version)
         return state, version
 
@@ -465,10 +472,9 @@ class Store:
         event: Event,
         now: float,
         *,
-        run: sqlite3.Row | None = None,
+        run: _RunRow | None = None,
     ) -> Decision:
-        """``run``: the run's row (cancelled, mirror, version) if already read in this
-        transaction."""
+        """``run``: as for _load_state."""
         pipeline = self._pipeline(conn, run_id)
         before, version = self._load_state(conn, run_id, run)
         decision = decide(pipeline, before, event, now=now)

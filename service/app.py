@@ -50,12 +50,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def context_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id for every log line; map domain errors to HTTP answers."""
-    structlog.contextvars.clear_contextvars()
     request_id = request.headers.get("X-Request-Id", "")[:64] or f"{_PREFIX}{next(_IDS):x}"
     # The route template, never the path: webhook paths carry a secret token.
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    structlog.contextvars.bind_contextvars(request_id=request_id, route=route)
+    service_logging.request_context.set((request_id, route))
     request[_REQUEST_ID], request[_ROUTE] = request_id, route  # for the access line
     try:
         response = await handler(request)

@@ -56,8 +56,9 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def wavespeed_webhook(request: web.Request) -> web.Response:
-    received_at = request.app[keys.CLOCK]()
-    settings = request.app[keys.SETTINGS]
+    app = request.app  # a property: looked up once, not per use
+    received_at = app[keys.CLOCK]()
+    settings = app[keys.SETTINGS]
     body = await _read_capped(request, settings.max_webhook_bytes)
     if body is None:
         log.warning("webhook.rejected", reason="too_large")
@@ -66,8 +67,8 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
         verified = signing.verify(
             body,
             request.headers,
-            request.app[keys.HEALTH].webhook_secrets,
-            now=request.app[keys.CLOCK](),
+            app[keys.HEALTH].webhook_secrets,
+            now=app[keys.CLOCK](),
             tolerance_s=settings.webhook_tolerance_s,
         )
     except WebhookVerificationError as exc:
@@ -78,7 +79,7 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
     except ValueError as exc:  # orjson's JSONDecodeError is one, invalid UTF-8 included
         log.warning("webhook.malformed", webhook_id=verified.webhook_id, error=str(exc))
         return _error(400, f"malformed prediction: {exc}")
-    outcome = await request.app[keys.ENGINE].on_wavespeed_webhook(
+    outcome = await app[keys.ENGINE].on_wavespeed_webhook(
         request.match_info["token"], verified.webhook_id, prediction, received_at=received_at
     )
     # Said on the request's access line: one line per delivery, not two.

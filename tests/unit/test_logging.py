@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import copy
 import json
 import logging
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import structlog
@@ -158,3 +161,47 @@ async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_orde
     lines = [json.loads(line) for line in err.splitlines()]
     order = [line.get("n", line["event"]) for line in lines]
     assert order == [0, 1, 2, "stdlib", 3, "between", 4]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"route": "/webhooks/wavespeed/{token}", "status": 200, "task_id": "t1"},
+        {"route": "/webhooks/wavespeed/{token}", "path": "/webhooks/wavespeed/AbCdEfGhIjKlMn"},
+        {"url": "https://b.s3/k?X-Amz-Signature=deadbeef", "n": 1},
+        {"detail": {"headers": {"Authorization": "Bearer k"}, "list": ["whsec_c2VjcmV0"]}},
+        {"request_id": "BeArEr\tsk-live-123"},
+        {"api_key": 42, "plain": "msg_b1234"},
+    ],
+)
+def test_json_lines_are_redacted_as_if_every_value_were_checked(event: dict[str, Any]) -> None:
+    """The JSON renderer checks the rendered line as a whole and redacts value by value
+    only when the line may hold a secret: the result is the same line as redacting every
+    value first, secret or not."""
+    expected = json.loads(json.dumps(redact(None, "info", copy.deepcopy(event))))
+    line = service_logging.render_json(None, "info", copy.deepcopy(event))
+    assert json.loads(line) == expected
+    for leaked in ("AbCdEfGhIjKlMn", "deadbeef", "Bearer k", "c2VjcmV0", "sk-live-123"):
+        assert leaked not in line
+
+
+def test_lines_logged_while_a_request_is_handled_carry_its_id_and_route(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The middleware sets the request's id and route once; every line logged in that
+    request's context carries them, and lines logged outside it do not."""
+    configure_logging(json=True, level="INFO")
+    try:
+        log = structlog.get_logger("wavechain.test")
+
+        def in_request() -> None:
+            service_logging.request_context.set(("req-1", "/v1/runs"))
+            log.info("inside", request_id_given=False)
+
+        contextvars.copy_context().run(in_request)
+        log.info("outside")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        _unconfigure()
+    assert (lines[0]["request_id"], lines[0]["route"]) == ("req-1", "/v1/runs")
+    assert "request_id" not in lines[1] and "route" not in lines[1]
