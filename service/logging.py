@@ -129,15 +129,19 @@ def _dumps(event_dict: Any) -> str:
     try:
         return orjson.dumps(event_dict, default=_fallback, option=orjson.OPT_NON_STR_KEYS).decode()
     except TypeError:
-        return _json.dumps(event_dict, default=_fallback)
+        return _json.dumps(event_dict, default=_fallback, separators=(",", ":"))
 
 
 def _line_may_hold_secret(line: str) -> bool:
     # The rendered line holds every key and value verbatim (JSON escapes none of the
     # characters these patterns need), so if it passes, no value would have been changed
     # by redact(). "/webhooks/" alone is not enough: every webhook route template has it.
+    # A nested object or array (rendered without spaces: '":{' or '":[') may hold a key
+    # that looks secret, which only redact() checks.
     return (
-        "=" in line
+        '":{' in line
+        or '":[' in line
+        or "=" in line
         or "whsec_" in line
         or "bearer" in line.lower()
         or ("/webhooks/" in line and _WEBHOOK_TOKEN.search(line) is not None)

@@ -172,6 +172,8 @@ async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_orde
         {"detail": {"headers": {"Authorization": "Bearer k"}, "list": ["whsec_c2VjcmV0"]}},
         {"request_id": "BeArEr\tsk-live-123"},
         {"api_key": 42, "plain": "msg_b1234"},
+        {"headers": {"api_key": "abc123", "accept": "*/*"}, "n": 2},
+        {"items": [{"password": "pw-9z"}], "big": 2**70},
     ],
 )
 def test_json_lines_are_redacted_as_if_every_value_were_checked(event: dict[str, Any]) -> None:
@@ -181,7 +183,8 @@ def test_json_lines_are_redacted_as_if_every_value_were_checked(event: dict[str,
     expected = json.loads(json.dumps(redact(None, "info", copy.deepcopy(event))))
     line = service_logging.render_json(None, "info", copy.deepcopy(event))
     assert json.loads(line) == expected
-    for leaked in ("AbCdEfGhIjKlMn", "deadbeef", "Bearer k", "c2VjcmV0", "sk-live-123"):
+    for leaked in ("AbCdEfGhIjKlMn", "deadbeef", "Bearer k", "c2VjcmV0", "sk-live-123", "abc123",
+                   "pw-9z"):  # fmt: skip
         assert leaked not in line
 
 
