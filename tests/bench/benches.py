@@ -600,7 +600,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "delivery (its write 4 of them), the middleware 32; after rendering each JSON",
             "line once and checking it whole for secrets, one context variable for the",
             "request id, a cheaper timestamp and prediction parse, and the writer reading",
-            "its row by position, the loop takes 475 kIr and the writer 109 (was 116);",
+            "its row by position, the loop takes 479 kIr and the writer 111 (was 116);",
             "verify-only takes 390. Simultaneous A/B (both targets under load at the same",
             "time from two wrk processes, so both see the same machine): with the store",
             "left out `serve` made 1.15-1.30x the deliveries, its writer thread having",
