@@ -31,10 +31,16 @@ REDACTED = "[redacted]"
 
 
 def _may_hold_secret(text: str) -> bool:
-    # Every pattern in _scrub needs one of these; most values (ids, statuses, numbers as
-    # text) have none, and plain substring tests are far cheaper than any regex (an
-    # alternation of the four, case-insensitive, costs five times as much).
-    return "=" in text or "/webhooks/" in text or "whsec_" in text or "bearer" in text.lower()
+    # Every pattern in _scrub needs one of these; most text (ids, statuses, numbers as
+    # text) has none, and plain substring tests are far cheaper than any regex (an
+    # alternation of the four, case-insensitive, costs five times as much). "/webhooks/"
+    # alone is not enough: every webhook route template has it, and has no token.
+    return (
+        "=" in text
+        or "whsec_" in text
+        or "bearer" in text.lower()
+        or ("/webhooks/" in text and _WEBHOOK_TOKEN.search(text) is not None)
+    )
 
 
 def scrub(text: str) -> str:
@@ -77,22 +83,15 @@ _PLAIN = frozenset({int, float, bool, type(None)})  # numbers, None, booleans st
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop values under secret-looking keys; scrub credentials out of every string, nested
     values included."""
-    # This runs for every line, so the common case is kept short: the keys are checked
-    # once per distinct set of keys, and plain strings are tested inline. Replacing values
-    # while iterating is safe, as the keys do not change.
+    # The keys are checked once per distinct set of keys. Replacing values while
+    # iterating is safe, as the keys do not change.
     secret = _secret_keys(tuple(event_dict))
     for key, value in event_dict.items():
         kind = type(value)
         if secret and key in secret:
             event_dict[key] = REDACTED
         elif kind is str:
-            # _may_hold_secret's test, inlined: a call per value is a third of the cost.
-            if (
-                "=" in value
-                or "/webhooks/" in value
-                or "whsec_" in value
-                or ("bearer" in value.lower())
-            ):
+            if _may_hold_secret(value):
                 event_dict[key] = _scrub(value)
         elif kind not in _PLAIN and isinstance(value, str | dict | list | tuple):
             event_dict[key] = _clean(key, value)
@@ -134,18 +133,10 @@ def _dumps(event_dict: Any) -> str:
 
 def _line_may_hold_secret(line: str) -> bool:
     # The rendered line holds every key and value verbatim (JSON escapes none of the
-    # characters these patterns need), so if it passes, no value would have been changed
-    # by redact(). "/webhooks/" alone is not enough: every webhook route template has it.
-    # A nested object or array (rendered without spaces: '":{' or '":[') may hold a key
-    # that looks secret, which only redact() checks.
-    return (
-        '":{' in line
-        or '":[' in line
-        or "=" in line
-        or "whsec_" in line
-        or "bearer" in line.lower()
-        or ("/webhooks/" in line and _WEBHOOK_TOKEN.search(line) is not None)
-    )
+    # characters _may_hold_secret needs), so if it passes, no value would have been
+    # changed by redact(). A nested object or array (rendered without spaces: '":{' or
+    # '":[') may hold a key that looks secret, which only redact() checks.
+    return '":{' in line or '":[' in line or _may_hold_secret(line)
 
 
 def render_json(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:

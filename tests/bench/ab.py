@@ -19,7 +19,6 @@ Needs wrk (``together``) or valgrind (``instructions``), as `make bench` install
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import statistics
@@ -29,9 +28,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import requests
 
 from tests.bench import benches
 from tests.support.procs import free_port, running, serve_env
@@ -64,39 +60,7 @@ def _target(
         yield f"http://127.0.0.1:{port}", proc.pid
 
 
-def _completed_tasks(emu: str, apis: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Seed 100 one-stage runs on each ``serve``; their completed tasks, by API."""
-    for api in apis:
-        benches._seed_runs(api, 100)
-    deadline = time.monotonic() + 60
-    while True:
-        tasks = requests.get(f"{emu}/_emulator/tasks", timeout=30).json()
-        if len(tasks) == 100 * len(apis) and all(t["status"] == "completed" for t in tasks):
-            return {api: [t for t in tasks if t["webhook"].startswith(api)] for api in apis}
-        if time.monotonic() > deadline:
-            raise TimeoutError("the seeded tasks did not complete")
-        time.sleep(0.2)
-
-
-def _deliveries(tasks: list[dict[str, Any]], api: str, url: str, count: int, offset: int,
-                path: Path) -> Path:  # fmt: skip
-    """``count`` signed deliveries for ``tasks`` (seeded on ``api``), sent to ``url``."""
-    benches._deliveries(tasks, count, offset, path)
-    if url != api:
-        path.write_text(path.read_text().replace(api, url))
-    return path
-
-
-def _cpu_ticks(pid: int) -> int:
-    return sum(
-        int(f[11]) + int(f[12])
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for f in [(task / "stat").read_text().rsplit(")", 1)[1].split()]
-    )
-
-
 def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
-    assert benches.WRK is not None, "wrk is needed: apt-get install wrk"
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-ab-")))
         emu, emu_ctx = benches.emulator(work, "drop_rate=1")
@@ -108,7 +72,7 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
             url for (url, _), spec in zip(targets.values(), (a, b), strict=True) if spec != "verify"
         ]
         assert seeded, "at least one target must be a wavechain tree"
-        tasks = _completed_tasks(emu, seeded)
+        tasks = benches.completed_tasks(emu, seeded, 100)
         ratios: list[float] = []
         cpu_ratios: list[float] = []
         for rep in range(reps):
@@ -117,29 +81,23 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
                 api = url if url in tasks else seeded[0]
                 path = work / f"deliveries-{name}.jsonl"
                 offset = (rep * 2 + i) * 100_000
+                to = None if url == api else url
                 raw[name] = benches._raw_requests(
-                    _deliveries(tasks[api], api, url, 100_000, offset, path)
+                    benches._deliveries(tasks[api], 100_000, offset, path, to=to)
                 )
             os.sync()  # as in `make bench`: the files' writeback would stall the fsyncs
             order = list(targets) if rep % 2 == 0 else list(targets)[::-1]
             for name in order:
                 url, pid = targets[name]
-                before[name] = _cpu_ticks(pid)
-                procs[name] = subprocess.Popen(
-                    [benches.WRK, "-t", "1", "-c", "64", "-d", f"{seconds}s", "-s",
-                     str(Path(__file__).with_name("wrk.lua")), url, "--", str(raw[name]), "1"],
-                    stdout=subprocess.PIPE, text=True,
-                )  # fmt: skip
-            out = {
-                n: json.loads(p.communicate()[0].strip().splitlines()[-1]) for n, p in procs.items()
-            }
+                before[name] = benches.cpu_seconds(pid)
+                command = benches.wrk_command(url, raw[name], seconds)
+                procs[name] = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
             rps, cpu = {}, {}
-            for name, w in out.items():
-                rps[name] = (w["requests"] - w["non_2xx"] - w["socket_errors"]) / (
-                    w["duration_us"] / 1e6
-                )
-                ticks = _cpu_ticks(targets[name][1]) - before[name]
-                cpu[name] = ticks / os.sysconf("SC_CLK_TCK") / max(w["requests"], 1) * 1e6
+            for name, proc in procs.items():
+                result = benches.wrk_result(proc.communicate()[0])
+                rps[name] = result["rps"]
+                spent = benches.cpu_seconds(targets[name][1]) - before[name]
+                cpu[name] = spent / max(result["requests"], 1) * 1e6
             ratios.append(rps["B"] / rps["A"])
             cpu_ratios.append(cpu["B"] / cpu["A"])
             print(f"rep {rep}: A {rps['A']:,.0f}/s {cpu['A']:.0f} µs  B {rps['B']:,.0f}/s "
@@ -161,10 +119,11 @@ def instructions(spec: str, count: int = 2000) -> None:
             seed_url, _ = stack.enter_context(_target(str(Path.cwd()), "seed", emu, work))
         url, pid = stack.enter_context(_target(spec, "target", emu, work, valgrind))
         api = url if spec.partition("@")[0] != "verify" else seed_url
-        tasks = _completed_tasks(emu, [api])[api]
+        tasks = benches.completed_tasks(emu, [api], 100)[api]
 
         def send(n: int, offset: int) -> None:
-            path = _deliveries(tasks, api, url, n, offset, work / f"d{offset}.jsonl")
+            to = None if url == api else url
+            path = benches._deliveries(tasks, n, offset, work / f"d{offset}.jsonl", to=to)
             subprocess.run([benches.PY, "-m", "tests.bench.loadgen", str(path), "600", "64"],
                            check=True, capture_output=True)  # fmt: skip
 

@@ -79,7 +79,11 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 # 1. receiver throughput ------------------------------------------------------------------
 
 
-def _deliveries(tasks: list[dict[str, Any]], count: int, offset: int, path: Path) -> None:
+def _deliveries(
+    tasks: list[dict[str, Any]], count: int, offset: int, path: Path, *, to: str | None = None
+) -> Path:
+    """``count`` signed deliveries for ``tasks``, as JSON lines in ``path``: each to its
+    task's webhook URL, or to the same path on ``to`` (another receiver's base URL)."""
     now = int(time.time())
     with path.open("w", encoding="utf-8") as out:
         for i in range(count):
@@ -91,8 +95,10 @@ def _deliveries(tasks: list[dict[str, Any]], count: int, offset: int, path: Path
                 body, secret=SECRET, webhook_id=f"msg_b{offset + i}", timestamp=now
             )
             headers["content-type"] = "application/json"
-            out.write(json.dumps({"url": task["webhook"], "headers": headers,
+            url = task["webhook"] if to is None else to + urlsplit(task["webhook"]).path
+            out.write(json.dumps({"url": url, "headers": headers,
                                   "body": body.decode("latin-1")}) + "\n")  # fmt: skip
+    return path
 
 
 def _raw_requests(path: Path) -> Path:
@@ -125,14 +131,24 @@ def _load(path: Path, seconds: float, connections: int = 64) -> dict[str, Any]:
         return {**result, "loadgen": "aiohttp"}
     url = json.loads(path.open(encoding="utf-8").readline())["url"]
     out = subprocess.run(
-        [WRK, "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{round(seconds)}s",
-         "--latency", "-s", str(Path(__file__).with_name("wrk.lua")), url, "--",
-         str(raw), str(WRK_THREADS)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        wrk_command(url, raw, seconds, connections), capture_output=True, text=True, check=False
+    )
     if out.returncode:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]}{out.stderr[-500:]}")
-    w = json.loads(out.stdout.strip().splitlines()[-1])
+    return wrk_result(out.stdout)
+
+
+def wrk_command(url: str, raw: Path, seconds: float, connections: int = 64) -> list[str]:
+    """wrk firing the raw requests in ``raw`` (see _raw_requests) at ``url``."""
+    assert WRK is not None, "wrk is not installed (make bench installs it from Debian)"
+    return [WRK, "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{round(seconds)}s",
+            "--latency", "-s", str(Path(__file__).with_name("wrk.lua")), url, "--", str(raw),
+            str(WRK_THREADS)]  # fmt: skip
+
+
+def wrk_result(stdout: str) -> dict[str, Any]:
+    """What wrk.lua printed (its last line, JSON), as _load reports it."""
+    w = json.loads(stdout.strip().splitlines()[-1])
     errors = w["non_2xx"] + w["socket_errors"]
     seconds_run = w["duration_us"] / 1e6
     return {
@@ -184,6 +200,20 @@ def _seed_runs(api: str, count: int) -> None:
         requests.post(f"{api}/v1/runs", json={"pipeline": spec}, timeout=30).raise_for_status()
 
 
+def completed_tasks(emu: str, apis: list[str], runs: int) -> dict[str, list[dict[str, Any]]]:
+    """Seed ``runs`` one-stage runs on each ``serve`` in ``apis`` (the emulator drops its
+    own callbacks), wait for their tasks to complete: each API's tasks, for deliveries."""
+    for api in apis:
+        _seed_runs(api, runs)
+    deadline = time.monotonic() + 60
+    while True:
+        tasks = requests.get(f"{emu}/_emulator/tasks", timeout=30).json()
+        if len(tasks) == runs * len(apis) and all(t["status"] == "completed" for t in tasks):
+            return {api: [t for t in tasks if t["webhook"].startswith(api)] for api in apis}
+        assert time.monotonic() < deadline, "tasks did not complete"
+        time.sleep(0.2)
+
+
 def receiver(work: Path) -> dict[str, Any]:
     seconds, per_file, runs = 5.0, 90_000, 100
     emu, emu_ctx = emulator(work, "drop_rate=1")
@@ -194,20 +224,9 @@ def receiver(work: Path) -> dict[str, Any]:
     bare_port, verify_port = free_port(), free_port()
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in RECEIVER_TARGETS}
     with emu_ctx, serve_ctx as server, quiet_ctx as quiet:
-        _seed_runs(api, runs)
-        _seed_runs(quiet_api, runs)
-        deadline = time.monotonic() + 60
-        while True:
-            tasks = requests.get(f"{emu}/_emulator/tasks", timeout=30).json()
-            if len(tasks) == 2 * runs and all(t["status"] == "completed" for t in tasks):
-                break
-            assert time.monotonic() < deadline, "tasks did not complete"
-            time.sleep(0.2)
-        own = {
-            "wavechain": [t for t in tasks if t["webhook"].startswith(api)],
-            "wavechain_quiet": [t for t in tasks if t["webhook"].startswith(quiet_api)],
-        }
-        size = len(json.dumps(tasks[0]))
+        by_api = completed_tasks(emu, [api, quiet_api], runs)
+        own = {"wavechain": by_api[api], "wavechain_quiet": by_api[quiet_api]}
+        size = len(json.dumps(own["wavechain"][0]))
         with (
             running([PY, "-m", "tests.bench.baseline_server", str(bare_port), "bare", SECRET],
                     bare_port, work / "bare.log") as bare,
@@ -223,16 +242,13 @@ def receiver(work: Path) -> dict[str, Any]:
             for rep in range(RECEIVER_REPEATS):
                 for name in RECEIVER_TARGETS:
                     port, pid = targets[name]
-                    path = work / f"deliveries-{name}.jsonl"
-                    _deliveries(
+                    path = _deliveries(
                         own.get(name, own["wavechain"]),
                         per_file,
                         offset=(rep * len(RECEIVER_TARGETS) + len(raw[name])) * per_file,
-                        path=path,
+                        path=work / f"deliveries-{name}.jsonl",
+                        to=None if port is None else f"http://127.0.0.1:{port}",
                     )
-                    if port is not None:
-                        lines = path.read_text().replace(api, f"http://127.0.0.1:{port}")
-                        path.write_text(lines)
                     raw[name].append(_load_measured(path, seconds, pid))
         import sqlite3
 
