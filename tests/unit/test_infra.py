@@ -319,3 +319,13 @@ def test_the_service_runs_without_the_local_extras(module: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_pod_runs_as_the_images_user() -> None:
+    instructions = _dockerfile()
+    (user,) = [rest for word, rest in instructions if word == "USER"]
+    uid, gid = (int(x) for x in user.split(":"))
+    created = " ".join(rest for word, rest in instructions if word == "RUN")
+    assert f"--uid {uid}" in created and f"--gid {gid}" in created
+    pod = _manifests()["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (uid, gid, gid)
