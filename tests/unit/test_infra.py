@@ -329,3 +329,25 @@ def test_the_pod_runs_as_the_images_user() -> None:
     assert f"--uid {uid}" in created and f"--gid {gid}" in created
     pod = _manifests()["Deployment"]["spec"]["template"]["spec"]["securityContext"]
     assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (uid, gid, gid)
+
+
+def _tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def test_the_template_passes_cfn_lint() -> None:
+    """AWS's resource schemas: property names, types and values CloudFormation accepts."""
+    template = INFRA / "cloudformation" / "wavechain.yaml"
+    result = subprocess.run([_tool("cfn-lint"), str(template)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_manifests_match_the_kubernetes_schemas() -> None:
+    """Strict: a misspelt field is an error, not silently dropped by the API server."""
+    files = sorted(str(p) for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    result = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", "--quiet", *files],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ERROR" not in result.stdout + result.stderr
