@@ -54,6 +54,7 @@ def _manifests() -> dict[str, dict[str, Any]]:
     docs = {}
     for path in sorted(K8S.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] not in docs, f"a second {doc['kind']}: the tests read one"
             docs[doc["kind"]] = doc
     return docs
 
