@@ -12,8 +12,17 @@ default), or ``verify`` (the verify-only baseline).
     python -m tests.bench.ab instructions TARGET [DELIVERIES]
         Instructions per delivery (valgrind callgrind), per thread: repeatable within
         0.3% between runs, whatever else the machine does. Slow (about 40 s for 2,000).
+    python -m tests.bench.ab pinned TARGET [REPS] [SECONDS]
+        TARGET and the verify-only baseline, each run with no CPU affinity and with the
+        target on one CPU and wrk on another (taskset), in rotating order: how much of the
+        gap to verify-only is the target's threads sharing cores with the load generator.
+    python -m tests.bench.ab syscalls TARGET [SECONDS]
+        System calls per delivery, every thread of TARGET under wrk load (strace -c; strace
+        slows the target, so read the counts, not the times).
 
-Needs wrk (``together``) or valgrind (``instructions``), as `make bench` installs them.
+Needs wrk (``together``, ``pinned``, ``syscalls``), valgrind (``instructions``), taskset
+(``pinned``) and strace (``syscalls``); `make bench` installs wrk, valgrind is on the
+machine, strace is Debian's package.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -151,10 +161,110 @@ def instructions(spec: str, count: int = 2000) -> None:
         print(f"total: {total / count / 1000:.1f} k instructions per delivery")
 
 
+def _affinity(pid: int, cpus: str) -> None:
+    """Every thread of ``pid`` (the writer too) on ``cpus``."""
+    subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True)
+
+
+def _fire(url: str, pid: int, raw: Path, seconds: int, wrk_cpu: str | None) -> tuple[float, float]:
+    """(deliveries/s, CPU µs per delivery) of one wrk run at ``url``."""
+    before = benches.cpu_seconds(pid)
+    command = benches.wrk_command(url, raw, seconds)
+    if wrk_cpu is not None:
+        command = ["taskset", "-c", wrk_cpu, *command]
+    result = benches.wrk_result(subprocess.run(command, capture_output=True, text=True).stdout)
+    spent = benches.cpu_seconds(pid) - before
+    return result["rps"], spent / max(result["requests"], 1) * 1e6
+
+
+def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
+    assert spec.partition("@")[0] != "verify", "TARGET is a wavechain tree; verify runs beside it"
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "needs two CPUs: one for the target, one for wrk"
+    everywhere, server_cpu, wrk_cpu = ",".join(map(str, cpus)), str(cpus[0]), str(cpus[1])
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-pin-")))
+        emu, emu_ctx = benches.emulator(work, "drop_rate=1")
+        stack.enter_context(emu_ctx)
+        targets = {n: stack.enter_context(_target(s, n, emu, work)) for n, s in
+                   (("target", spec), ("verify", "verify"))}  # fmt: skip
+        api = targets["target"][0]
+        tasks = benches.completed_tasks(emu, [api], 100)[api]
+        runs = [(name, pin) for name in targets for pin in (False, True)]
+        rows: list[dict[tuple[str, bool], float]] = []
+        for rep in range(reps):
+            rps: dict[tuple[str, bool], float] = {}
+            cells = []
+            for i in range(len(runs)):  # rotating order: no setting always goes first
+                name, pin = runs[(rep + i) % len(runs)]
+                url, pid = targets[name]
+                offset = (rep * len(runs) + i + 1) * 100_000
+                path = work / "deliveries.jsonl"
+                raw = benches._raw_requests(benches._deliveries(
+                    tasks, 60_000, offset, path, to=None if url == api else url))  # fmt: skip
+                os.sync()
+                _affinity(pid, server_cpu if pin else everywhere)
+                rps[(name, pin)], cpu = _fire(url, pid, raw, seconds, wrk_cpu if pin else None)
+                cells.append(f"{name}{' pinned' if pin else ''} {rps[(name, pin)]:,.0f}/s "
+                             f"{cpu:.0f} µs")  # fmt: skip
+            rows.append(rps)
+            print(f"rep {rep}: " + " | ".join(cells), flush=True)
+
+        def median(a: tuple[str, bool], b: tuple[str, bool]) -> str:
+            values = [r[a] / r[b] for r in rows]
+            return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+        for label, (a, b) in {
+            "target pinned/unpinned": (("target", True), ("target", False)),
+            "verify pinned/unpinned": (("verify", True), ("verify", False)),
+            "target/verify unpinned": (("target", False), ("verify", False)),
+            "target/verify pinned": (("target", True), ("verify", True)),
+        }.items():
+            print(f"{label}: {median(a, b)}")
+
+
+def syscalls(spec: str, seconds: int = 5) -> None:
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-sys-")))
+        emu, emu_ctx = benches.emulator(work, "drop_rate=1")
+        stack.enter_context(emu_ctx)
+        if spec.partition("@")[0] == "verify":  # deliveries need tasks a wavechain knows
+            seed_url, _ = stack.enter_context(_target(str(Path.cwd()), "seed", emu, work))
+        url, pid = stack.enter_context(_target(spec, "target", emu, work))
+        api = url if spec.partition("@")[0] != "verify" else seed_url
+        tasks = benches.completed_tasks(emu, [api], 100)[api]
+        path = work / "deliveries.jsonl"
+        raw = benches._raw_requests(
+            benches._deliveries(tasks, 100_000, 10**6, path, to=None if url == api else url)
+        )
+        os.sync()
+        threads = [a for t in sorted(Path(f"/proc/{pid}/task").iterdir()) for a in ("-p", t.name)]
+        report = work / "strace.txt"
+        tracer = subprocess.Popen(["strace", "-c", "-o", str(report), *threads],
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(1)  # attached to every thread before the load starts
+        load = subprocess.run(
+            benches.wrk_command(url, raw, seconds), capture_output=True, text=True
+        )
+        result = benches.wrk_result(load.stdout)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait()
+        count = max(result["requests"], 1)
+        print(f"{spec}: {count:,} deliveries under strace; system calls per delivery:")
+        for line in report.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+                print(f"  {fields[-1]:<16} {int(fields[3]) / count:6.2f}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "together":
         together(sys.argv[2], sys.argv[3], *(int(x) for x in sys.argv[4:6]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "instructions":
         instructions(sys.argv[2], *(int(x) for x in sys.argv[3:4]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "pinned":
+        pinned(sys.argv[2], *(int(x) for x in sys.argv[3:5]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "syscalls":
+        syscalls(sys.argv[2], *(int(x) for x in sys.argv[3:4]))
     else:
         sys.exit(__doc__)
