@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.bench import benches
 from tests.support.procs import free_port, running, serve_env
@@ -70,11 +71,52 @@ def _target(
         yield f"http://127.0.0.1:{port}", proc.pid
 
 
-def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
+@contextlib.contextmanager
+def _workspace(prefix: str) -> Iterator[tuple[contextlib.ExitStack, Path, str]]:
+    """A scratch folder and an emulator that sends no webhooks (wrk sends the deliveries);
+    yields the stack that later targets join, the folder and the emulator's URL."""
     with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-ab-")))
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
         emu, emu_ctx = benches.emulator(work, "drop_rate=1")
         stack.enter_context(emu_ctx)
+        yield stack, work, emu
+
+
+def _one_target(
+    stack: contextlib.ExitStack, spec: str, emu: str, work: Path, wrapper: list[str] | None = None
+) -> tuple[str, int, str, list[dict[str, Any]]]:
+    """Start ``spec``: (its URL, its pid, the wavechain whose tasks the deliveries name, those
+    tasks). For ``verify``, a wavechain of this tree runs beside it for the tasks."""
+    seed = None
+    if spec.partition("@")[0] == "verify":
+        seed, _ = stack.enter_context(_target(str(Path.cwd()), "seed", emu, work))
+    url, pid = stack.enter_context(_target(spec, "target", emu, work, wrapper))
+    api = seed or url
+    return url, pid, api, benches.completed_tasks(emu, [api], 100)[api]
+
+
+def _deliveries(
+    tasks: list[dict[str, Any]], count: int, offset: int, path: Path, url: str, api: str
+) -> Path:
+    """``count`` signed deliveries for ``url`` (JSON lines), naming the tasks of ``api``."""
+    return benches._deliveries(tasks, count, offset, path, to=None if url == api else url)
+
+
+def _raw(tasks: list[dict[str, Any]], count: int, offset: int, path: Path, url: str,
+         api: str) -> Path:  # fmt: skip
+    """The same as wrk's raw requests, on disk before any load starts."""
+    raw = benches._raw_requests(_deliveries(tasks, count, offset, path, url, api))
+    os.sync()  # as in `make bench`: the files' writeback would stall the fsyncs
+    return raw
+
+
+def _cpu_us(pid: int, before: float, result: dict[str, Any]) -> float:
+    """CPU µs per delivery of ``pid`` since ``before`` (its cpu_seconds), over wrk's count."""
+    return float((benches.cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6)
+
+
+def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
+    with _workspace("wavechain-ab-") as (stack, work, emu):
         targets = {
             n: stack.enter_context(_target(s, n, emu, work)) for n, s in (("A", a), ("B", b))
         }
@@ -90,12 +132,7 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
             for i, (name, (url, _pid)) in enumerate(targets.items()):
                 api = url if url in tasks else seeded[0]
                 path = work / f"deliveries-{name}.jsonl"
-                offset = (rep * 2 + i) * 100_000
-                to = None if url == api else url
-                raw[name] = benches._raw_requests(
-                    benches._deliveries(tasks[api], 100_000, offset, path, to=to)
-                )
-            os.sync()  # as in `make bench`: the files' writeback would stall the fsyncs
+                raw[name] = _raw(tasks[api], 100_000, (rep * 2 + i) * 100_000, path, url, api)
             order = list(targets) if rep % 2 == 0 else list(targets)[::-1]
             for name in order:
                 url, pid = targets[name]
@@ -106,8 +143,7 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
             for name, proc in procs.items():
                 result = benches.wrk_result(proc.communicate()[0])
                 rps[name] = result["rps"]
-                spent = benches.cpu_seconds(targets[name][1]) - before[name]
-                cpu[name] = spent / max(result["requests"], 1) * 1e6
+                cpu[name] = _cpu_us(targets[name][1], before[name], result)
             ratios.append(rps["B"] / rps["A"])
             cpu_ratios.append(cpu["B"] / cpu["A"])
             print(f"rep {rep}: A {rps['A']:,.0f}/s {cpu['A']:.0f} µs  B {rps['B']:,.0f}/s "
@@ -118,22 +154,14 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
 
 
 def instructions(spec: str, count: int = 2000) -> None:
-    with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-ir-")))
+    with _workspace("wavechain-ir-") as (stack, work, emu):
         out = work / "callgrind.out"
         valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                     "--separate-threads=yes", f"--callgrind-out-file={out}"]  # fmt: skip
-        emu, emu_ctx = benches.emulator(work, "drop_rate=1")
-        stack.enter_context(emu_ctx)
-        if spec.partition("@")[0] == "verify":  # deliveries need tasks a wavechain knows
-            seed_url, _ = stack.enter_context(_target(str(Path.cwd()), "seed", emu, work))
-        url, pid = stack.enter_context(_target(spec, "target", emu, work, valgrind))
-        api = url if spec.partition("@")[0] != "verify" else seed_url
-        tasks = benches.completed_tasks(emu, [api], 100)[api]
+        url, pid, api, tasks = _one_target(stack, spec, emu, work, valgrind)
 
         def send(n: int, offset: int) -> None:
-            to = None if url == api else url
-            path = benches._deliveries(tasks, n, offset, work / f"d{offset}.jsonl", to=to)
+            path = _deliveries(tasks, n, offset, work / f"d{offset}.jsonl", url, api)
             subprocess.run([benches.PY, "-m", "tests.bench.loadgen", str(path), "600", "64"],
                            check=True, capture_output=True)  # fmt: skip
 
@@ -173,8 +201,7 @@ def _fire(url: str, pid: int, raw: Path, seconds: int, wrk_cpu: str | None) -> t
     if wrk_cpu is not None:
         command = ["taskset", "-c", wrk_cpu, *command]
     result = benches.wrk_result(subprocess.run(command, capture_output=True, text=True).stdout)
-    spent = benches.cpu_seconds(pid) - before
-    return result["rps"], spent / max(result["requests"], 1) * 1e6
+    return result["rps"], _cpu_us(pid, before, result)
 
 
 def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
@@ -182,10 +209,7 @@ def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     assert len(cpus) >= 2, "needs two CPUs: one for the target, one for wrk"
     everywhere, server_cpu, wrk_cpu = ",".join(map(str, cpus)), str(cpus[0]), str(cpus[1])
-    with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-pin-")))
-        emu, emu_ctx = benches.emulator(work, "drop_rate=1")
-        stack.enter_context(emu_ctx)
+    with _workspace("wavechain-pin-") as (stack, work, emu):
         targets = {n: stack.enter_context(_target(s, n, emu, work)) for n, s in
                    (("target", spec), ("verify", "verify"))}  # fmt: skip
         api = targets["target"][0]
@@ -199,10 +223,7 @@ def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
                 name, pin = runs[(rep + i) % len(runs)]
                 url, pid = targets[name]
                 offset = (rep * len(runs) + i + 1) * 100_000
-                path = work / "deliveries.jsonl"
-                raw = benches._raw_requests(benches._deliveries(
-                    tasks, 60_000, offset, path, to=None if url == api else url))  # fmt: skip
-                os.sync()
+                raw = _raw(tasks, 60_000, offset, work / "deliveries.jsonl", url, api)
                 _affinity(pid, server_cpu if pin else everywhere)
                 rps[(name, pin)], cpu = _fire(url, pid, raw, seconds, wrk_cpu if pin else None)
                 cells.append(f"{name}{' pinned' if pin else ''} {rps[(name, pin)]:,.0f}/s "
@@ -224,20 +245,9 @@ def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
 
 
 def syscalls(spec: str, seconds: int = 5) -> None:
-    with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wavechain-sys-")))
-        emu, emu_ctx = benches.emulator(work, "drop_rate=1")
-        stack.enter_context(emu_ctx)
-        if spec.partition("@")[0] == "verify":  # deliveries need tasks a wavechain knows
-            seed_url, _ = stack.enter_context(_target(str(Path.cwd()), "seed", emu, work))
-        url, pid = stack.enter_context(_target(spec, "target", emu, work))
-        api = url if spec.partition("@")[0] != "verify" else seed_url
-        tasks = benches.completed_tasks(emu, [api], 100)[api]
-        path = work / "deliveries.jsonl"
-        raw = benches._raw_requests(
-            benches._deliveries(tasks, 100_000, 10**6, path, to=None if url == api else url)
-        )
-        os.sync()
+    with _workspace("wavechain-sys-") as (stack, work, emu):
+        url, pid, api, tasks = _one_target(stack, spec, emu, work)
+        raw = _raw(tasks, 100_000, 10**6, work / "deliveries.jsonl", url, api)
         threads = [a for t in sorted(Path(f"/proc/{pid}/task").iterdir()) for a in ("-p", t.name)]
         report = work / "strace.txt"
         tracer = subprocess.Popen(["strace", "-c", "-o", str(report), *threads],

@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, cast
 
@@ -173,9 +174,8 @@ def test_the_images_command_line_is_one_wavechain_accepts() -> None:
 
 
 def test_the_image_copies_every_package_and_the_build_context_lets_them_in() -> None:
-    include = yaml.safe_load(
-        re.search(r"include = (\[.*?\])", (ROOT / "pyproject.toml").read_text())[1]  # type: ignore[index]
-    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {p.rstrip("*") for p in include}
     copied = {
         source
