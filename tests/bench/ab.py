@@ -3,7 +3,8 @@
 Not part of `make bench`: a tool for judging a change to the webhook path before
 committing it. A TARGET is a source tree (a checkout or `git worktree add` of the code
 to run as `wavechain serve`), optionally with ``@LEVEL`` (the log level, INFO by
-default), or ``verify`` (the verify-only baseline).
+default), or a baseline: ``verify`` (verify only) or ``record`` (verify, then a
+group-committed SQLite insert: the hand-rolled receiver).
 
     python -m tests.bench.ab together A B [REPS] [SECONDS]
         Both targets under load at the same time, from one wrk process each, so that
@@ -43,11 +44,13 @@ from typing import Any
 from tests.bench import benches
 from tests.support.procs import free_port, running, serve_env
 
+BASELINES = ("verify", "record")
 
-def _command(tree: str, level: str, port: int) -> list[str]:
-    if tree == "verify":
-        return [benches.PY, "-m", "tests.bench.baseline_server", str(port), "verify",
-                benches.SECRET]  # fmt: skip
+
+def _command(tree: str, level: str, port: int, db: Path) -> list[str]:
+    if tree in BASELINES:
+        return [benches.PY, "-m", "tests.bench.baseline_server", str(port), tree,
+                benches.SECRET, str(db)]  # fmt: skip
     # The tree's own code, whatever is installed or on the current path.
     code = (
         f"import sys, runpy; sys.path.insert(0, {tree!r}); sys.argv[0] = 'wavechain'; "
@@ -62,11 +65,11 @@ def _target(
 ) -> Iterator[tuple[str, int]]:
     """Start ``spec``; yield its base URL and process id."""
     tree, _, level = spec.partition("@")
-    tree = tree if tree == "verify" else str(Path(tree).resolve())
+    tree = tree if tree in BASELINES else str(Path(tree).resolve())
     port = free_port()
     db = work / f"{name}.db"
     env = serve_env(emu, port, db, benches.SECRET)
-    with running([*(wrapper or []), *_command(tree, level or "INFO", port)], port,
+    with running([*(wrapper or []), *_command(tree, level or "INFO", port, db)], port,
                  work / f"{name}.log", env) as proc:  # fmt: skip
         yield f"http://127.0.0.1:{port}", proc.pid
 
@@ -86,9 +89,9 @@ def _one_target(
     stack: contextlib.ExitStack, spec: str, emu: str, work: Path, wrapper: list[str] | None = None
 ) -> tuple[str, int, str, list[dict[str, Any]]]:
     """Start ``spec``: (its URL, its pid, the wavechain whose tasks the deliveries name, those
-    tasks). For ``verify``, a wavechain of this tree runs beside it for the tasks."""
+    tasks). For a baseline, a wavechain of this tree runs beside it for the tasks."""
     seed = None
-    if spec.partition("@")[0] == "verify":
+    if spec.partition("@")[0] in BASELINES:
         seed, _ = stack.enter_context(_target(str(Path.cwd()), "seed", emu, work))
     url, pid = stack.enter_context(_target(spec, "target", emu, work, wrapper))
     api = seed or url
@@ -121,7 +124,9 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
             n: stack.enter_context(_target(s, n, emu, work)) for n, s in (("A", a), ("B", b))
         }
         seeded = [
-            url for (url, _), spec in zip(targets.values(), (a, b), strict=True) if spec != "verify"
+            url
+            for (url, _), spec in zip(targets.values(), (a, b), strict=True)
+            if spec not in BASELINES
         ]
         assert seeded, "at least one target must be a wavechain tree"
         tasks = benches.completed_tasks(emu, seeded, 100)
@@ -205,7 +210,9 @@ def _fire(url: str, pid: int, raw: Path, seconds: int, wrk_cpu: str | None) -> t
 
 
 def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
-    assert spec.partition("@")[0] != "verify", "TARGET is a wavechain tree; verify runs beside it"
+    assert spec.partition("@")[0] not in BASELINES, (
+        "TARGET is a wavechain tree; verify runs beside it"
+    )
     cpus = sorted(os.sched_getaffinity(0))
     assert len(cpus) >= 2, "needs two CPUs: one for the target, one for wrk"
     everywhere, server_cpu, wrk_cpu = ",".join(map(str, cpus)), str(cpus[0]), str(cpus[1])

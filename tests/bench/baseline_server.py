@@ -1,12 +1,18 @@
-"""Baseline receivers for the throughput benchmark: a bare 200, and signature-verify only.
+"""Baseline receivers for the throughput benchmark: a bare 200, signature-verify only, and
+the hand-rolled receiver the issue describes (verify, then a group-committed SQLite insert).
 
-Usage: python -m tests.bench.baseline_server PORT bare|verify SECRET
+Usage: python -m tests.bench.baseline_server PORT bare|verify|record SECRET [DB]
 """
 
 from __future__ import annotations
 
+import asyncio
+import queue
+import sqlite3
 import sys
+import threading
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -15,8 +21,79 @@ from pipelines.errors import WebhookVerificationError
 from pipelines.secrets import Secret
 
 
-def make_app(mode: str, secret: str) -> web.Application:
+class _Recorder:
+    """The least a durable receiver must do: one writer thread, each batch of deliveries
+    queued during a turn of the event loop inserted in one transaction (WAL,
+    synchronous=FULL: on disk before acknowledged), the webhook-id as primary key."""
+
+    def __init__(self, path: str) -> None:
+        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._pending: list[tuple[Any, ...]] = []
+        self._path = path
+        self._thread = threading.Thread(target=self._main, name="record-writer")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def record(self, webhook_id: str, token: str, body: bytes) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._hand_over)
+        self._pending.append((webhook_id, token, body, time.time(), future, loop))
+        return future
+
+    def _hand_over(self) -> None:
+        batch, self._pending = self._pending, []
+        self._queue.put(batch)
+
+    def _main(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS deliveries (webhook_id TEXT PRIMARY KEY, "
+            "token TEXT NOT NULL, body BLOB NOT NULL, received_at REAL NOT NULL)"
+        )
+        stop = False
+        while not stop:
+            batch = self._queue.get()
+            if batch is None:
+                break
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.extend(more)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", [d[:4] for d in batch]
+            )
+            conn.execute("COMMIT")
+            by_loop: dict[Any, list[asyncio.Future[None]]] = {}
+            for d in batch:
+                by_loop.setdefault(d[5], []).append(d[4])
+            for loop, futures in by_loop.items():
+                loop.call_soon_threadsafe(_resolve, futures)
+        conn.close()
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
+def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
     secrets = [Secret(secret)]
+    recorder = _Recorder(db) if mode == "record" and db else None
 
     async def bare(request: web.Request) -> web.Response:
         await request.read()
@@ -25,16 +102,29 @@ def make_app(mode: str, secret: str) -> web.Application:
     async def verify(request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            signing.verify(body, request.headers, secrets, now=time.time())
+            verified = signing.verify(body, request.headers, secrets, now=time.time())
         except WebhookVerificationError:
             return web.json_response({"error": "bad signature"}, status=401)
+        if recorder is not None:
+            await recorder.record(verified.webhook_id, request.match_info["token"], body)
         return web.json_response({"ok": True})
 
     app = web.Application()
+    if recorder is not None:
+
+        async def close(_: web.Application) -> None:
+            recorder.close()
+
+        app.on_cleanup.append(close)
     app.router.add_post("/webhooks/wavespeed/{token}", bare if mode == "bare" else verify)
     return app
 
 
 if __name__ == "__main__":
     port, mode, secret = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    web.run_app(make_app(mode, secret), host="127.0.0.1", port=port, print=None, access_log=None)
+    if mode not in ("bare", "verify", "record"):
+        sys.exit(f"unknown mode {mode!r}: bare, verify or record")
+    if mode == "record" and len(sys.argv) < 5:
+        sys.exit("record needs the SQLite file's path")
+    app = make_app(mode, secret, sys.argv[4] if len(sys.argv) > 4 else None)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
