@@ -10,9 +10,10 @@ group-committed SQLite insert: the hand-rolled receiver).
         Both targets under load at the same time, from one wrk process each, so that
         both see the same machine: B's throughput and CPU per delivery over A's, per
         repetition. Sequential A/B runs here swing by 30% within minutes.
-    python -m tests.bench.ab instructions TARGET [DELIVERIES]
+    python -m tests.bench.ab instructions TARGET [DELIVERIES] [KEEP_DIR]
         Instructions per delivery (valgrind callgrind), per thread: repeatable within
         0.3% between runs, whatever else the machine does. Slow (about 40 s for 2,000).
+        With KEEP_DIR, callgrind's files are copied there (`callgrind_annotate FILE`).
     python -m tests.bench.ab pinned TARGET [REPS] [SECONDS]
         TARGET and the verify-only baseline, each run with no CPU affinity and with the
         target on one CPU and wrk on another (taskset), in rotating order: how much of the
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -158,7 +160,7 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
               f"{statistics.median(cpu_ratios):.3f}")  # fmt: skip
 
 
-def instructions(spec: str, count: int = 2000) -> None:
+def instructions(spec: str, count: int = 2000, keep: str | None = None) -> None:
     with _workspace("wavechain-ir-") as (stack, work, emu):
         out = work / "callgrind.out"
         valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
@@ -192,6 +194,10 @@ def instructions(spec: str, count: int = 2000) -> None:
                 )
                 print(f"{label}: {int(found[1]) / count / 1000:.1f} k instructions per delivery")
         print(f"total: {total / count / 1000:.1f} k instructions per delivery")
+        if keep:  # for callgrind_annotate: which functions the instructions are in
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for dump in work.glob("callgrind.out.*"):
+                shutil.copy(dump, keep)
 
 
 def _affinity(pid: int, cpus: str) -> None:
@@ -278,7 +284,8 @@ if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "together":
         together(sys.argv[2], sys.argv[3], *(int(x) for x in sys.argv[4:6]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "instructions":
-        instructions(sys.argv[2], *(int(x) for x in sys.argv[3:4]))
+        count = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
+        instructions(sys.argv[2], count, sys.argv[4] if len(sys.argv) > 4 else None)
     elif len(sys.argv) >= 3 and sys.argv[1] == "pinned":
         pinned(sys.argv[2], *(int(x) for x in sys.argv[3:5]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "syscalls":
