@@ -271,8 +271,10 @@ def receiver(work: Path) -> dict[str, Any]:
         with contextlib.closing(sqlite3.connect(work / "record.db")) as conn:
             recorded_by_hand = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
 
-    def paired(target: str, baseline: str) -> list[float]:
-        return _paired(raw[target], raw[baseline], "rps")
+    def ratios(name: str, target: str, baseline: str) -> dict[str, Any]:
+        """``ratio{name}``: the median of ``ratios{name}``, each repetition's ratio."""
+        each = _paired(raw[target], raw[baseline], "rps")
+        return {f"ratio{name}": statistics.median(each), f"ratios{name}": each}
 
     accepted = sum(r["requests"] - r["errors"] for n in ("wavechain", "wavechain_quiet")
                    for r in raw[n])  # fmt: skip
@@ -285,17 +287,12 @@ def receiver(work: Path) -> dict[str, Any]:
         "rps_median": {k: round(v) for k, v in med.items()},
         "p99_ms_median": {k: round(v, 1) for k, v in p99.items()},
         "cpu_us_per_request_median": cpu,
-        "ratio_vs_verify_only": statistics.median(paired("wavechain", "verify")),
-        "ratios_vs_verify_only": paired("wavechain", "verify"),
-        "ratio_quiet_vs_verify_only": statistics.median(paired("wavechain_quiet", "verify")),
-        "ratios_quiet_vs_verify_only": paired("wavechain_quiet", "verify"),
-        "ratio_vs_bare": statistics.median(paired("wavechain", "bare")),
-        "ratio_record_vs_verify_only": statistics.median(paired("record", "verify")),
-        "ratios_record_vs_verify_only": paired("record", "verify"),
-        "ratio_vs_record": statistics.median(paired("wavechain", "record")),
-        "ratios_vs_record": paired("wavechain", "record"),
-        "ratio_quiet_vs_record": statistics.median(paired("wavechain_quiet", "record")),
-        "ratios_quiet_vs_record": paired("wavechain_quiet", "record"),
+        **ratios("_vs_verify_only", "wavechain", "verify"),
+        **ratios("_quiet_vs_verify_only", "wavechain_quiet", "verify"),
+        **ratios("_vs_bare", "wavechain", "bare"),
+        **ratios("_record_vs_verify_only", "record", "verify"),
+        **ratios("_vs_record", "wavechain", "record"),
+        **ratios("_quiet_vs_record", "wavechain_quiet", "record"),
         "accepted_2xx": accepted,
         "recorded_in_store": recorded,
         "hand_rolled_accepted_2xx": sum(r["requests"] - r["errors"] for r in raw["record"]),
