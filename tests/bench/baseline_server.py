@@ -72,27 +72,39 @@ class _Recorder:
                     stop = True
                     break
                 batch.extend(more)
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", [d[:4] for d in batch]
-            )
-            conn.execute("COMMIT")
+            error: Exception | None = None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", [d[:4] for d in batch]
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:  # every waiting request gets a 500, none hangs
+                error = exc
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             by_loop: dict[Any, list[asyncio.Future[None]]] = {}
             for d in batch:
                 by_loop.setdefault(d[5], []).append(d[4])
             for loop, futures in by_loop.items():
-                loop.call_soon_threadsafe(_resolve, futures)
+                loop.call_soon_threadsafe(_resolve, futures, error)
         conn.close()
 
 
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
+def _resolve(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
     for future in futures:
-        if not future.done():
+        if future.done():
+            continue
+        if error is None:
             future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
     secrets = [Secret(secret)]
+    if mode == "record" and not db:
+        raise ValueError("record needs the SQLite file's path")
     recorder = _Recorder(db) if mode == "record" and db else None
 
     async def bare(request: web.Request) -> web.Response:
