@@ -34,12 +34,13 @@ def _may_hold_secret(text: str) -> bool:
     # Every pattern in _scrub needs one of these; most text (ids, statuses, numbers as
     # text) has none, and plain substring tests are far cheaper than any regex (an
     # alternation of the four, case-insensitive, costs five times as much). "/webhooks/"
-    # alone is not enough: every webhook route template has it, and has no token.
+    # alone is not enough: every webhook route template has it, and has no token. The
+    # pattern starts with it, so its search starts at the first one, not from the top.
     return (
         "=" in text
         or "whsec_" in text
         or "bearer" in text.lower()
-        or ("/webhooks/" in text and _WEBHOOK_TOKEN.search(text) is not None)
+        or ((at := text.find("/webhooks/")) >= 0 and _WEBHOOK_TOKEN.search(text, at) is not None)
     )
 
 
