@@ -44,15 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import benches
+from tests.bench.baseline_server import MODES as BASELINES
 from tests.support.procs import free_port, running, serve_env
-
-BASELINES = ("verify", "record")
 
 
 def _command(tree: str, level: str, port: int, db: Path) -> list[str]:
     if tree in BASELINES:
-        return [benches.PY, "-m", "tests.bench.baseline_server", str(port), tree,
-                benches.SECRET, str(db)]  # fmt: skip
+        return benches.baseline_command(port, tree, db)
     # The tree's own code, whatever is installed or on the current path.
     code = (
         f"import sys, runpy; sys.path.insert(0, {tree!r}); sys.argv[0] = 'wavechain'; "

@@ -20,6 +20,9 @@ from pipelines import signing
 from pipelines.errors import WebhookVerificationError
 from pipelines.secrets import Secret
 
+#: The baselines this module serves (its second argument).
+MODES = ("bare", "verify", "record")
+
 
 class _Recorder:
     """The least a durable receiver must do: one writer thread, each batch of deliveries
@@ -134,7 +137,7 @@ def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
 
 if __name__ == "__main__":
     port, mode, secret = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    if mode not in ("bare", "verify", "record"):
+    if mode not in MODES:
         sys.exit(f"unknown mode {mode!r}: bare, verify or record")
     if mode == "record" and len(sys.argv) < 5:
         sys.exit("record needs the SQLite file's path")

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,24 @@ def wrk_result(stdout: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def baseline_command(port: int, mode: str, db: Path | None = None) -> list[str]:
+    """A baseline receiver of ``tests.bench.baseline_server`` (``record`` needs ``db``)."""
+    command = [PY, "-m", "tests.bench.baseline_server", str(port), mode, SECRET]
+    return command if db is None else [*command, str(db)]
+
+
+def _acknowledged(runs: list[dict[str, Any]]) -> int:
+    """Deliveries answered with 2xx over ``runs`` (loads of one target)."""
+    return sum(r["requests"] - r["errors"] for r in runs)
+
+
+def _recorded(db: Path) -> int:
+    """Rows in the ``deliveries`` table of the SQLite file ``db`` (wavechain's store or the
+    hand-rolled receiver's table: both name it so)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0])
+
+
 def _paired(runs: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str) -> list[float]:
     """Each repetition's ``key`` over its baseline's in the same repetition: neighbours
     in time share the machine's mood, which a ratio of medians across repetitions
@@ -229,12 +248,11 @@ def receiver(work: Path) -> dict[str, Any]:
         own = {"wavechain": by_api[api], "wavechain_quiet": by_api[quiet_api]}
         size = len(json.dumps(own["wavechain"][0]))
         with (
-            running([PY, "-m", "tests.bench.baseline_server", str(bare_port), "bare", SECRET],
-                    bare_port, work / "bare.log") as bare,
-            running([PY, "-m", "tests.bench.baseline_server", str(verify_port), "verify", SECRET],
-                    verify_port, work / "verify.log") as verify,
-            running([PY, "-m", "tests.bench.baseline_server", str(record_port), "record", SECRET,
-                     str(work / "record.db")], record_port, work / "record.log") as record,
+            running(baseline_command(bare_port, "bare"), bare_port, work / "bare.log") as bare,
+            running(baseline_command(verify_port, "verify"), verify_port,
+                    work / "verify.log") as verify,
+            running(baseline_command(record_port, "record", work / "record.db"), record_port,
+                    work / "record.log") as record,
         ):  # fmt: skip
             targets = {
                 "bare": (bare_port, bare.pid),
@@ -262,22 +280,15 @@ def receiver(work: Path) -> dict[str, Any]:
                         to=None if port is None else f"http://127.0.0.1:{port}",
                     )
                     raw[name].append(_load_measured(path, seconds, pid))
-        import sqlite3
-
-        recorded = 0
-        for db in (work / "receiver.db", work / "receiver-quiet.db"):
-            with contextlib.closing(sqlite3.connect(db)) as conn:
-                recorded += conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
-        with contextlib.closing(sqlite3.connect(work / "record.db")) as conn:
-            recorded_by_hand = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+        recorded = sum(_recorded(work / f"{n}.db") for n in ("receiver", "receiver-quiet"))
+        recorded_by_hand = _recorded(work / "record.db")
 
     def ratios(name: str, target: str, baseline: str) -> dict[str, Any]:
         """``ratio{name}``: the median of ``ratios{name}``, each repetition's ratio."""
         each = _paired(raw[target], raw[baseline], "rps")
         return {f"ratio{name}": statistics.median(each), f"ratios{name}": each}
 
-    accepted = sum(r["requests"] - r["errors"] for n in ("wavechain", "wavechain_quiet")
-                   for r in raw[n])  # fmt: skip
+    accepted = _acknowledged(raw["wavechain"]) + _acknowledged(raw["wavechain_quiet"])
     med = {k: statistics.median(r["rps"] for r in v) for k, v in raw.items()}
     p99 = {k: statistics.median(r["p99_ms"] for r in v) for k, v in raw.items()}
     cpu = {k: {part: round(statistics.median(r["cpu_us_per_request"][part] for r in v))
@@ -295,7 +306,7 @@ def receiver(work: Path) -> dict[str, Any]:
         **ratios("_quiet_vs_record", "wavechain_quiet", "record"),
         "accepted_2xx": accepted,
         "recorded_in_store": recorded,
-        "hand_rolled_accepted_2xx": sum(r["requests"] - r["errors"] for r in raw["record"]),
+        "hand_rolled_accepted_2xx": _acknowledged(raw["record"]),
         "hand_rolled_recorded": recorded_by_hand,
         "errors": {k: sum(r["errors"] for r in v) for k, v in raw.items()},
         "loadgen": raw["bare"][0]["loadgen"],
@@ -496,8 +507,6 @@ async def _relay_drain(db: Path, topic: str, endpoint: str) -> tuple[float, int]
 
 def _same_messages(db: Path) -> list[dict[str, Any]]:
     """The pending events as plain publish_batch entries: same bodies, same attributes."""
-    import sqlite3
-
     from pipelines.events import message_attributes
 
     conn = sqlite3.connect(db)
