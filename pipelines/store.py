@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pipelines import spec as specs
 from pipelines.errors import ConfigError
@@ -242,8 +242,10 @@ class OutboxRow:
     body: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookOutcome:
+class WebhookOutcome(NamedTuple):
+    """What a delivery did. A named tuple, as ``Prediction``: one per delivery, built on
+    the writer thread, which shares the receiver's GIL."""
+
     effect: WebhookEffect
     run_id: str | None = None
     stage: str | None = None

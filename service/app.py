@@ -87,7 +87,9 @@ class AccessLog(AbstractAccessLogger):
         self._log = _access.bind()
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # The whole line in one dict, handed over to the writer, which completes it.
         fields = {
+            "event": "http.request",
             "method": request.method,
             # A request that never reached the middleware (unparseable) has neither.
             "route": request.get(_ROUTE, "unmatched"),
@@ -101,7 +103,7 @@ class AccessLog(AbstractAccessLogger):
         if write is not None:
             write(fields)
         else:
-            self._log.info("http.request", **fields)
+            self._log.info(**fields)
 
     @property
     def enabled(self) -> bool:

@@ -118,7 +118,8 @@ def test_access_lines_take_the_same_timestamp_redaction_and_renderer(
     try:
         assert service_logging.access_writer is not None
         service_logging.access_writer({
-            "method": "POST", "route": "/webhooks/wavespeed/{token}", "status": 200,
+            "event": "http.request", "method": "POST", "route": "/webhooks/wavespeed/{token}",
+            "status": 200,
             "request_id": "Bearer sk-live-123", "path": "/webhooks/wavespeed/AbCdEfGhIjKlMn",
             "duration_ms": 1.5, "api_key": "k-1",
         })  # fmt: skip
@@ -136,6 +137,9 @@ def test_access_lines_take_the_same_timestamp_redaction_and_renderer(
         assert datetime.fromisoformat(line["timestamp"]) <= datetime.now(UTC)
 
 
+GET = {"event": "http.request", "method": "GET", "status": 200}
+
+
 async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_order(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -146,12 +150,12 @@ async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_orde
     try:
         assert service_logging.access_writer is not None
         for i in range(3):
-            service_logging.access_writer({"method": "GET", "status": 200, "n": i})
+            service_logging.access_writer({**GET, "n": i})
         held = capsys.readouterr().err
         logging.getLogger("aiohttp.test").warning("stdlib")  # a library's record
-        service_logging.access_writer({"method": "GET", "status": 200, "n": 3})
+        service_logging.access_writer({**GET, "n": 3})
         structlog.get_logger("wavechain.test").info("between")  # one of ours
-        service_logging.access_writer({"method": "GET", "status": 200, "n": 4})
+        service_logging.access_writer({**GET, "n": 4})
         await asyncio.sleep(0)  # the end of this turn: the last access line goes out
         await asyncio.sleep(0)
         err = capsys.readouterr().err
