@@ -86,19 +86,24 @@ def _deliveries(
     """``count`` signed deliveries for ``tasks``, as JSON lines in ``path``: each to its
     task's webhook URL, or to the same path on ``to`` (another receiver's base URL)."""
     now = int(time.time())
+    # Each task's body, URL and body as JSON text once; only the webhook-id and signature
+    # differ between deliveries (the files are rewritten before every load: 2.5 million
+    # deliveries per `make bench`).
+    prepared = []
+    for task in tasks:
+        body = json.dumps({k: v for k, v in task.items()
+                           if k not in ("webhook", "submitted_mono", "finished_mono")},
+                          separators=(",", ":")).encode()  # fmt: skip
+        url = task["webhook"] if to is None else to + urlsplit(task["webhook"]).path
+        prepared.append((body, json.dumps(url), json.dumps(body.decode("latin-1"))))
     with path.open("w", encoding="utf-8") as out:
         for i in range(count):
-            task = tasks[i % len(tasks)]
-            body = json.dumps({k: v for k, v in task.items()
-                               if k not in ("webhook", "submitted_mono", "finished_mono")},
-                              separators=(",", ":")).encode()  # fmt: skip
+            body, url, text = prepared[i % len(prepared)]
             headers = signing.sign(
                 body, secret=SECRET, webhook_id=f"msg_b{offset + i}", timestamp=now
             )
             headers["content-type"] = "application/json"
-            url = task["webhook"] if to is None else to + urlsplit(task["webhook"]).path
-            out.write(json.dumps({"url": url, "headers": headers,
-                                  "body": body.decode("latin-1")}) + "\n")  # fmt: skip
+            out.write(f'{{"url": {url}, "headers": {json.dumps(headers)}, "body": {text}}}\n')
     return path
 
 
