@@ -128,7 +128,8 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
             for (url, _), spec in zip(targets.values(), (a, b), strict=True)
             if spec not in BASELINES
         ]
-        assert seeded, "at least one target must be a wavechain tree"
+        if not seeded:
+            sys.exit("at least one target must be a wavechain tree")
         tasks = benches.completed_tasks(emu, seeded, 100)
         ratios: list[float] = []
         cpu_ratios: list[float] = []
@@ -214,11 +215,11 @@ def _fire(url: str, pid: int, raw: Path, seconds: int, wrk_cpu: str | None) -> t
 
 
 def pinned(spec: str, reps: int = 6, seconds: int = 4) -> None:
-    assert spec.partition("@")[0] not in BASELINES, (
-        "TARGET is a wavechain tree; verify runs beside it"
-    )
+    if spec.partition("@")[0] in BASELINES:
+        sys.exit("TARGET is a wavechain tree; verify runs beside it")
     cpus = sorted(os.sched_getaffinity(0))
-    assert len(cpus) >= 2, "needs two CPUs: one for the target, one for wrk"
+    if len(cpus) < 2:
+        sys.exit("needs two CPUs: one for the target, one for wrk")
     everywhere, server_cpu, wrk_cpu = ",".join(map(str, cpus)), str(cpus[0]), str(cpus[1])
     with _workspace("wavechain-pin-") as (stack, work, emu):
         targets = {n: stack.enter_context(_target(s, n, emu, work)) for n, s in

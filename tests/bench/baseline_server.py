@@ -105,9 +105,12 @@ def _resolve(futures: list[asyncio.Future[None]], error: Exception | None) -> No
 
 
 def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
-    secrets = [Secret(secret)]
+    """Raises ValueError for an unknown mode, or ``record`` without ``db``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)}")
     if mode == "record" and not db:
         raise ValueError("record needs the SQLite file's path")
+    secrets = [Secret(secret)]
     recorder = _Recorder(db) if mode == "record" and db else None
 
     async def bare(request: web.Request) -> web.Response:
@@ -137,9 +140,8 @@ def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
 
 if __name__ == "__main__":
     port, mode, secret = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    if mode not in MODES:
-        sys.exit(f"unknown mode {mode!r}: bare, verify or record")
-    if mode == "record" and len(sys.argv) < 5:
-        sys.exit("record needs the SQLite file's path")
-    app = make_app(mode, secret, sys.argv[4] if len(sys.argv) > 4 else None)
+    try:
+        app = make_app(mode, secret, sys.argv[4] if len(sys.argv) > 4 else None)
+    except ValueError as exc:
+        sys.exit(str(exc))
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
