@@ -50,7 +50,7 @@ from tests.support.procs import free_port, running, serve_env
 
 def _command(tree: str, level: str, port: int, db: Path) -> list[str]:
     if tree in BASELINES:
-        return benches.baseline_command(port, tree, db)
+        return benches.baseline_command(port, tree, db if tree == "record" else None)
     # The tree's own code, whatever is installed or on the current path.
     code = (
         f"import sys, runpy; sys.path.insert(0, {tree!r}); sys.argv[0] = 'wavechain'; "
