@@ -7,7 +7,6 @@ Run one with `python -m tests.bench receiver`. Benchmarks so far: receiver, hand
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import sys
 import time
@@ -28,18 +27,6 @@ ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
 }
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import os
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
-
-
 def main(argv: list[str]) -> int:
     names = argv or list(ALL)
     results: dict[str, Any] = {}
@@ -55,7 +42,7 @@ def main(argv: list[str]) -> int:
         results[name] = ALL[name](work)
         results[name]["wall_s"] = round(time.monotonic() - t0, 1)
         print(json.dumps(results[name], indent=1), flush=True)
-    meta = {"machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    meta = {"machine": benches.machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "total_s": round(time.monotonic() - started, 1)}  # fmt: skip
     previous = (
         json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}

@@ -14,6 +14,10 @@ group-committed SQLite insert: the hand-rolled receiver).
         Instructions per delivery (valgrind callgrind), per thread: repeatable within
         0.3% between runs, whatever else the machine does. Slow (about 40 s for 2,000).
         With KEEP_DIR, callgrind's files are copied there (`callgrind_annotate FILE`).
+    python -m tests.bench.ab instructions-all [DELIVERIES]
+        ``instructions`` for verify-only, the hand-rolled receiver and this tree at
+        WARNING and at INFO, written to tests/bench/instructions.json with the date,
+        machine and commit; RESULTS.md's receiver section quotes that file. About 5 min.
     python -m tests.bench.ab pinned TARGET [REPS] [SECONDS]
         TARGET and the verify-only baseline, each run with no CPU affinity and with the
         target on one CPU and wrk on another (taskset), in rotating order: how much of the
@@ -30,6 +34,7 @@ machine, strace is Debian's package.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +165,9 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
               f"{statistics.median(cpu_ratios):.3f}")  # fmt: skip
 
 
-def instructions(spec: str, count: int = 2000, keep: str | None = None) -> None:
+def instructions(spec: str, count: int = 2000, keep: str | None = None) -> dict[str, float]:
+    """Prints and returns thousands of instructions per delivery: ``loop`` (the main
+    thread, which runs the event loop) and ``other_threads`` (the SQLite writer, if any)."""
     with _workspace("wavechain-ir-") as (stack, work, emu):
         out = work / "callgrind.out"
         valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
@@ -179,24 +187,56 @@ def instructions(spec: str, count: int = 2000, keep: str | None = None) -> None:
         )
         subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
         time.sleep(1)
-        total = 0
+        per_delivery = {"loop": 0.0, "other_threads": 0.0}
         for dump in sorted(work.glob("callgrind.out.*")):
             text = dump.read_text(errors="replace")
             found = re.search(r"^totals:\s*(\d+)", text, re.M)
             thread = re.search(r"^thread:\s*(\d+)", text, re.M)
             if found and int(found[1]):
-                total += int(found[1])
-                label = (
-                    "main (event loop)"
-                    if thread and thread[1] == "1"
-                    else f"thread {thread and thread[1]}"
-                )
-                print(f"{label}: {int(found[1]) / count / 1000:.1f} k instructions per delivery")
-        print(f"total: {total / count / 1000:.1f} k instructions per delivery")
+                main = thread is not None and thread[1] == "1"
+                label = "main (event loop)" if main else f"thread {thread and thread[1]}"
+                k = int(found[1]) / count / 1000
+                per_delivery["loop" if main else "other_threads"] += k
+                print(f"{label}: {k:.1f} k instructions per delivery")
+        total = sum(per_delivery.values())
+        print(f"total: {total:.1f} k instructions per delivery")
         if keep:  # for callgrind_annotate: which functions the instructions are in
             Path(keep).mkdir(parents=True, exist_ok=True)
             for dump in work.glob("callgrind.out.*"):
                 shutil.copy(dump, keep)
+        return {part: round(k, 1) for part, k in per_delivery.items()}
+
+
+#: What ``instructions-all`` measures, under the names RESULTS.md's receiver section uses.
+INSTRUCTION_TARGETS = {
+    "verify": "verify",
+    "record": "record",
+    "wavechain_quiet": ".@WARNING",
+    "wavechain": ".@INFO",
+}
+
+
+def instructions_all(count: int = 2000) -> None:
+    """Every receiver target's instructions per delivery, into instructions.json."""
+    if not Path("service").is_dir():
+        sys.exit("run from the project's root: the tree measured is the current folder")
+    figures = {name: instructions(spec, count) for name, spec in INSTRUCTION_TARGETS.items()}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    # The product's code decides the figures; a changed harness or README does not.
+    changed = git("status", "--porcelain", "--", "service", "pipelines")
+    meta = {
+        "machine": benches.machine(),
+        "date": datetime.now(UTC).isoformat(timespec="minutes"),
+        "commit": commit + (" with uncommitted changes" if changed else ""),
+        "deliveries": count,
+    }
+    out = Path(__file__).parent / "instructions.json"
+    out.write_text(json.dumps({"meta": meta, "k_per_delivery": figures}, indent=1) + "\n")
+    print(f"written: {out}")
 
 
 def _affinity(pid: int, cpus: str) -> None:
@@ -282,6 +322,8 @@ def syscalls(spec: str, seconds: int = 5) -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "together":
         together(sys.argv[2], sys.argv[3], *(int(x) for x in sys.argv[4:6]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "instructions-all":
+        instructions_all(*(int(x) for x in sys.argv[2:3]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "instructions":
         count = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
         instructions(sys.argv[2], count, sys.argv[4] if len(sys.argv) > 4 else None)

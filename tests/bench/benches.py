@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import platform
 import shutil
 import sqlite3
 import statistics
@@ -165,6 +166,17 @@ def wrk_result(stdout: str) -> dict[str, Any]:
         "rps": (w["requests"] - errors) / seconds_run, "p50_ms": w["p50_ms"],
         "p99_ms": w["p99_ms"], "repeated": w["wrapped"], "loadgen": "wrk",
     }  # fmt: skip
+
+
+def machine() -> str:
+    """This machine, for a results header: cores, CPU model, memory, Python."""
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
 
 
 def baseline_command(port: int, mode: str, db: Path | None = None) -> list[str]:
@@ -571,6 +583,42 @@ def events(work: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+INSTRUCTIONS = Path(__file__).parent / "instructions.json"
+
+
+def instruction_lines(path: Path = INSTRUCTIONS) -> list[str]:
+    """RESULTS.md's paragraph on instructions per delivery, from the figures that
+    ``python -m tests.bench.ab instructions-all`` wrote (valgrind is too slow for every
+    `make bench`); none if it has not been run."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    meta, k = data["meta"], data["k_per_delivery"]
+    verify, record = k["verify"], k["record"]
+    warning, info = k["wavechain_quiet"], k["wavechain"]
+
+    def total(t: dict[str, float]) -> float:
+        return t["loop"] + t["other_threads"]
+
+    def both(t: dict[str, float]) -> str:
+        return f"{t['loop']:.0f} + {t['other_threads']:.0f} k"
+
+    return [
+        f"Instructions per delivery (valgrind, {meta['deliveries']:,} deliveries per target,",
+        f"`python -m tests.bench.ab instructions-all`, {meta['date']}, commit {meta['commit']},",
+        f"{meta['machine']}; event loop + writer thread): verify-only {total(verify):.0f} k;",
+        f"hand-rolled {both(record)}; wavechain at WARNING {both(warning)}; at INFO",
+        f"{both(info)}. Against the hand-rolled receiver, wavechain's additions are the",
+        "writer's pipeline work (resolve the token, check the webhook-id, load the run's",
+        "state, decide, record the delivery with its effect: "
+        f"{info['other_threads'] - record['other_threads']:.0f} k more) and, at INFO,",
+        f"the access line on the loop ({info['loop'] - warning['loop']:.0f} k); its loop "
+        f"otherwise costs {warning['loop'] - record['loop']:.0f} k more. At equal cost per",
+        f"instruction it would make {total(verify) / total(info):.2f} of verify-only at INFO,",
+        f"{total(verify) / total(warning):.2f} at WARNING.",
+    ]
+
+
 def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     lines = [
         "# wavechain benchmarks",
@@ -646,13 +694,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "Acknowledged by it: "
             f"{r.get('hand_rolled_accepted_2xx', '?')}; in its table afterwards: "
             f"{r.get('hand_rolled_recorded', '?')}.",
-            "Instructions per delivery (valgrind, `ab instructions`, 2026-12-02 19:25 UTC;",
-            "event loop + writer thread): verify-only 396 k; hand-rolled 414 + 30 k;",
-            "wavechain at WARNING 417 + 108 k; at INFO 471 + 109 k (480 + 111 k before",
-            "2aea50c). Against the hand-rolled receiver, wavechain's additions are the",
-            "writer's pipeline work (resolve the token, check the webhook-id, load the run's",
-            "state, decide, record the delivery with its effect: 78 k more) and, at INFO,",
-            "the access line on the loop (53 k); its loop otherwise costs 4 k more.",
+            *instruction_lines(),
             "",
             f"Accepted with 2xx: {r['accepted_2xx']}; recorded in the store: "
             f"{r['recorded_in_store']} (more recorded than acknowledged: the load generator",
