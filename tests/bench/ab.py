@@ -17,7 +17,7 @@ group-committed SQLite insert: the hand-rolled receiver).
     python -m tests.bench.ab instructions-all [DELIVERIES]
         ``instructions`` for verify-only, the hand-rolled receiver and this tree at
         WARNING and at INFO, written to tests/bench/instructions.json with the date,
-        machine and commit; RESULTS.md's receiver section quotes that file. About 5 min.
+        machine and commit; RESULTS.md's receiver section quotes that file. About 1.5 min.
     python -m tests.bench.ab pinned TARGET [REPS] [SECONDS]
         TARGET and the verify-only baseline, each run with no CPU affinity and with the
         target on one CPU and wrk on another (taskset), in rotating order: how much of the
