@@ -105,16 +105,25 @@ def _one_target(
 
 
 def _deliveries(
-    tasks: list[dict[str, Any]], count: int, offset: int, path: Path, url: str, api: str
+    tasks: list[dict[str, Any]],
+    count: int,
+    offset: int,
+    path: Path,
+    url: str,
+    api: str,
+    *,
+    raw: bool = False,
 ) -> Path:
-    """``count`` signed deliveries for ``url`` (JSON lines), naming the tasks of ``api``."""
-    return benches._deliveries(tasks, count, offset, path, to=None if url == api else url)
+    """``count`` signed deliveries for ``url``, naming the tasks of ``api``: JSON lines, or
+    with ``raw`` wrk's raw requests (``benches._deliveries``)."""
+    to = None if url == api else url
+    return benches._deliveries(tasks, count, offset, path, to=to, raw=raw)
 
 
 def _raw(tasks: list[dict[str, Any]], count: int, offset: int, path: Path, url: str,
          api: str) -> Path:  # fmt: skip
-    """The same as wrk's raw requests, on disk before any load starts."""
-    raw = benches._raw_requests(_deliveries(tasks, count, offset, path, url, api))
+    """wrk's raw requests, on disk before any load starts."""
+    raw = _deliveries(tasks, count, offset, path, url, api, raw=True)
     os.sync()  # as in `make bench`: the files' writeback would stall the fsyncs
     return raw
 

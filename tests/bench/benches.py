@@ -85,21 +85,46 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 
 
 def _deliveries(
-    tasks: list[dict[str, Any]], count: int, offset: int, path: Path, *, to: str | None = None
+    tasks: list[dict[str, Any]],
+    count: int,
+    offset: int,
+    path: Path,
+    *,
+    to: str | None = None,
+    raw: bool = False,
 ) -> Path:
-    """``count`` signed deliveries for ``tasks``, as JSON lines in ``path``: each to its
-    task's webhook URL, or to the same path on ``to`` (another receiver's base URL)."""
+    """``count`` signed deliveries for ``tasks``, each to its task's webhook URL, or to the
+    same path on ``to`` (another receiver's base URL). As JSON lines in ``path`` (for the
+    aiohttp load generator), or with ``raw`` as wrk's input: raw HTTP/1.1 requests,
+    NUL-separated, in ``path`` with the suffix ``.raw`` (the path returned)."""
     now = int(time.time())
-    # Each task's body, URL and body as JSON text once; only the webhook-id and signature
-    # differ between deliveries (the files are rewritten before every load: 2.5 million
-    # deliveries per `make bench`).
+    # Each task's body, URL and body as JSON text (or request line and Host header) once;
+    # only the webhook-id and signature differ between deliveries (the files are
+    # rewritten before every load: 2.5 million deliveries per `make bench`).
     prepared = []
     for task in tasks:
         body = json.dumps({k: v for k, v in task.items()
                            if k not in ("webhook", "submitted_mono", "finished_mono")},
                           separators=(",", ":")).encode()  # fmt: skip
         url = task["webhook"] if to is None else to + urlsplit(task["webhook"]).path
-        prepared.append((body, json.dumps(url), json.dumps(body.decode("latin-1"))))
+        if raw:
+            parts = urlsplit(url)
+            start = f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            end = f"content-type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            prepared.append((body, start, end))
+        else:
+            prepared.append((body, json.dumps(url), json.dumps(body.decode("latin-1"))))
+    if raw:
+        path = path.with_suffix(".raw")
+        with path.open("wb") as binary:
+            for i in range(count):
+                body, start, end = prepared[i % len(prepared)]
+                headers = signing.sign(
+                    body, secret=SECRET, webhook_id=f"msg_b{offset + i}", timestamp=now
+                )
+                signed = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                binary.write((start + signed + end).encode("latin-1") + body + b"\0")
+        return path
     with path.open("w", encoding="utf-8") as out:
         for i in range(count):
             body, url, text = prepared[i % len(prepared)]
@@ -111,45 +136,38 @@ def _deliveries(
     return path
 
 
-def _raw_requests(path: Path) -> Path:
-    """The JSON-lines deliveries as raw HTTP/1.1 requests, NUL-separated, for wrk."""
-    out_path = path.with_suffix(".raw")
-    with path.open(encoding="utf-8") as lines, out_path.open("wb") as out:
-        for line in lines:
-            r = json.loads(line)
-            url, body = urlsplit(r["url"]), r["body"].encode("latin-1")
-            head = [f"POST {url.path} HTTP/1.1", f"Host: {url.netloc}"]
-            head += [f"{k}: {v}" for k, v in r["headers"].items()]
-            head.append(f"Content-Length: {len(body)}")
-            out.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body + b"\0")
-    return out_path
+def _raw_url(raw: Path) -> str:
+    """The URL of the first request in wrk's input ``raw`` (its request line and Host)."""
+    with raw.open("rb") as f:
+        request_line, host = f.read(4096).split(b"\r\n", 2)[:2]
+    return f"http://{host.decode().removeprefix('Host: ')}{request_line.split()[1].decode()}"
 
 
 def _load(path: Path, seconds: float, connections: int = 64) -> dict[str, Any]:
-    """Fire the deliveries in ``path`` from another process: wrk if installed, else aiohttp."""
-    raw = _raw_requests(path) if WRK is not None else path
+    """Fire the deliveries in ``path`` from another process: wrk for raw requests (see
+    ``_deliveries``), the aiohttp load generator for JSON lines."""
     # The delivery files just written are hundreds of MB of dirty pages: flushed during the
     # run, they would stall the fsyncs of the store under test (seen: commits of 300 to
     # 600 ms) for reasons that are the harness's, not the receiver's.
     os.sync()
-    if WRK is None:
+    if path.suffix != ".raw":
         out = subprocess.run(
             [PY, "-m", "tests.bench.loadgen", str(path), str(seconds), str(connections)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         return {**result, "loadgen": "aiohttp"}
-    url = json.loads(path.open(encoding="utf-8").readline())["url"]
     out = subprocess.run(
-        wrk_command(url, raw, seconds, connections), capture_output=True, text=True, check=False
-    )
+        wrk_command(_raw_url(path), path, seconds, connections),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
     if out.returncode:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]}{out.stderr[-500:]}")
     return wrk_result(out.stdout)
 
 
 def wrk_command(url: str, raw: Path, seconds: float, connections: int = 64) -> list[str]:
-    """wrk firing the raw requests in ``raw`` (see _raw_requests) at ``url``."""
+    """wrk firing the raw requests in ``raw`` (see _deliveries) at ``url``."""
     assert WRK is not None, "wrk is not installed (make bench installs it from Debian)"
     return [WRK, "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{round(seconds)}s",
             "--latency", "-s", str(Path(__file__).with_name("wrk.lua")), url, "--", str(raw),
@@ -298,6 +316,7 @@ def receiver(work: Path) -> dict[str, Any]:
                         offset=rep * 2 * per_file,
                         path=work / f"deliveries-{name}.jsonl",
                         to=None if port is None else f"http://127.0.0.1:{port}",
+                        raw=WRK is not None,
                     )
                     raw[name].append(_load_measured(path, seconds, pid))
         recorded = sum(_recorded(work / f"{n}.db") for n in ("receiver", "receiver-quiet"))
