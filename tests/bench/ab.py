@@ -174,7 +174,11 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
               f"{statistics.median(cpu_ratios):.3f}")  # fmt: skip
 
 
-def instructions(spec: str, count: int = 2000, keep: str | None = None) -> dict[str, float]:
+#: Deliveries measured per target by ``instructions`` (after 1,000 to warm up).
+DELIVERIES = 2000
+
+
+def instructions(spec: str, count: int = DELIVERIES, keep: str | None = None) -> dict[str, float]:
     """Prints and returns thousands of instructions per delivery: ``loop`` (the main
     thread, which runs the event loop) and ``other_threads`` (the SQLite writer, if any)."""
     with _workspace("wavechain-ir-") as (stack, work, emu):
@@ -225,7 +229,7 @@ INSTRUCTION_TARGETS = {
 }
 
 
-def instructions_all(count: int = 2000) -> None:
+def instructions_all(count: int = DELIVERIES) -> None:
     """Every receiver target's instructions per delivery, into instructions.json."""
     if not Path("service").is_dir():
         sys.exit("run from the project's root: the tree measured is the current folder")
@@ -243,7 +247,7 @@ def instructions_all(count: int = 2000) -> None:
         "commit": commit + (" with uncommitted changes" if changed else ""),
         "deliveries": count,
     }
-    out = Path(__file__).parent / "instructions.json"
+    out = benches.INSTRUCTIONS
     out.write_text(json.dumps({"meta": meta, "k_per_delivery": figures}, indent=1) + "\n")
     print(f"written: {out}")
 
@@ -334,7 +338,7 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 2 and sys.argv[1] == "instructions-all":
         instructions_all(*(int(x) for x in sys.argv[2:3]))
     elif len(sys.argv) >= 3 and sys.argv[1] == "instructions":
-        count = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
+        count = int(sys.argv[3]) if len(sys.argv) > 3 else DELIVERIES
         instructions(sys.argv[2], count, sys.argv[4] if len(sys.argv) > 4 else None)
     elif len(sys.argv) >= 3 and sys.argv[1] == "pinned":
         pinned(sys.argv[2], *(int(x) for x in sys.argv[3:5]))
