@@ -104,26 +104,16 @@ def _one_target(
     return url, pid, api, benches.completed_tasks(emu, [api], 100)[api]
 
 
-def _deliveries(
-    tasks: list[dict[str, Any]],
-    count: int,
-    offset: int,
-    path: Path,
-    url: str,
-    api: str,
-    *,
-    raw: bool = False,
-) -> Path:
-    """``count`` signed deliveries for ``url``, naming the tasks of ``api``: JSON lines, or
-    with ``raw`` wrk's raw requests (``benches._deliveries``)."""
-    to = None if url == api else url
-    return benches._deliveries(tasks, count, offset, path, to=to, raw=raw)
+def _to(url: str, api: str) -> str | None:
+    """Where deliveries naming the tasks of ``api`` go to reach ``url``: their own webhook
+    URLs if ``url`` is that wavechain, else the same paths on ``url``."""
+    return None if url == api else url
 
 
 def _raw(tasks: list[dict[str, Any]], count: int, offset: int, path: Path, url: str,
          api: str) -> Path:  # fmt: skip
     """wrk's raw requests, on disk before any load starts."""
-    raw = _deliveries(tasks, count, offset, path, url, api, raw=True)
+    raw = benches._deliveries(tasks, count, offset, path, to=_to(url, api), raw=True)
     os.sync()  # as in `make bench`: the files' writeback would stall the fsyncs
     return raw
 
@@ -188,7 +178,8 @@ def instructions(spec: str, count: int = DELIVERIES, keep: str | None = None) ->
         url, pid, api, tasks = _one_target(stack, spec, emu, work, valgrind)
 
         def send(n: int, offset: int) -> None:
-            path = _deliveries(tasks, n, offset, work / f"d{offset}.jsonl", url, api)
+            path = work / f"d{offset}.jsonl"
+            benches._deliveries(tasks, n, offset, path, to=_to(url, api))
             subprocess.run([benches.PY, "-m", "tests.bench.loadgen", str(path), "600", "64"],
                            check=True, capture_output=True)  # fmt: skip
 
