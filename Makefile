@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint format bench clean all
+.PHONY: install demo test test-unit fuzz lint format bench clean all
 
 all: lint test
 
@@ -25,7 +25,12 @@ test: $(STAMP)
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -p no:cacheprovider -q
 
 test-unit: $(STAMP)
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -p no:cacheprovider -q -m unit
+
+# The property-based tests of the webhook route and the REST API at 20x their size in
+# `make test`: over 10,000 generated requests against a live server; prints the count.
+fuzz: $(STAMP)
+	FUZZ_SCALE=20 $(BIN)/pytest -p no:cacheprovider -q -s --timeout 3600 tests/e2e/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -298,10 +298,16 @@ async def get_stats(request: web.Request) -> web.Response:
 
 async def get_deliveries(request: web.Request) -> web.Response:
     rows = [
-        {"task_id": d.task_id, "webhook_id": d.webhook_id, "attempt": d.attempt,
-         "status": d.status, "error": d.error, "at": d.at}
+        {
+            "task_id": d.task_id,
+            "webhook_id": d.webhook_id,
+            "attempt": d.attempt,
+            "status": d.status,
+            "error": d.error,
+            "at": d.at,
+        }
         for d in request.app[PROVIDER].deliveries
-    ]  # fmt: skip
+    ]
     return web.json_response(rows)
 
 

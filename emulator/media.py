@@ -135,16 +135,22 @@ def render_mesh(material: bytes, texture: bytes | None = None) -> bytes:
 
     accessors = [
         pygltflib.Accessor(
-            bufferView=0, componentType=pygltflib.FLOAT, count=8, type=pygltflib.VEC3,
-            min=[-0.5, -0.5, -0.5], max=[0.5, 0.5, 0.5],
+            bufferView=0,
+            componentType=pygltflib.FLOAT,
+            count=8,
+            type=pygltflib.VEC3,
+            min=[-0.5, -0.5, -0.5],
+            max=[0.5, 0.5, 0.5],
         ),
         pygltflib.Accessor(bufferView=1, componentType=pygltflib.FLOAT, count=8, type="VEC3"),
         pygltflib.Accessor(bufferView=2, componentType=pygltflib.FLOAT, count=8, type="VEC2"),
         pygltflib.Accessor(
-            bufferView=3, componentType=pygltflib.UNSIGNED_SHORT,
-            count=len(_CUBE_INDICES), type=pygltflib.SCALAR,
+            bufferView=3,
+            componentType=pygltflib.UNSIGNED_SHORT,
+            count=len(_CUBE_INDICES),
+            type=pygltflib.SCALAR,
         ),
-    ]  # fmt: skip
+    ]
     attributes = pygltflib.Attributes(POSITION=0, COLOR_0=1, TEXCOORD_0=2)
     gltf = pygltflib.GLTF2(
         asset=pygltflib.Asset(generator="wavechain-emulator", version="2.0"),

@@ -19,8 +19,13 @@ Provider = Literal["wavespeed", "aimlapi"]
 SEED_MAX = 2_147_483_647
 _SIZE = re.compile(r"^(\d{1,5})\*(\d{1,5})$")
 IMAGE_SIZE_PRESETS = (
-    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9",
-)  # fmt: skip
+    "square_hd",
+    "square",
+    "portrait_4_3",
+    "portrait_16_9",
+    "landscape_4_3",
+    "landscape_16_9",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,16 @@ from typing import Any, Literal
 
 import structlog
 
+from pipelines.backoff import backoff_s
 from pipelines.catalog import get_model
-from pipelines.errors import ProviderError, SpecError
+from pipelines.errors import (
+    ProviderError,
+    ProviderNotConfiguredError,
+    SpecError,
+    SubmitOutcomeUnknownError,
+)
 from pipelines.mirror import MirrorRejectedError, S3Mirror
-from pipelines.providers import AimlClient, Prediction, SubmitOutcomeUnknownError, WaveSpeedClient
+from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
 from pipelines.spec import Pipeline, bind_inputs, render
 from pipelines.state import (
     CancelRequested,
@@ -49,7 +55,9 @@ class EngineConfig:
     job_lease_s: float = 120.0
     poll_interval_s: float = 0.5
     max_submit_tries: int = 8
+    #: First wait before a failed job is tried again (doubling, up to ``max_backoff_s``).
     submit_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
     #: Downstream stages get presigned URLs of our copies ("mirrored") or the provider's.
     downstream_urls: Literal["mirrored", "provider"] = "mirrored"
     presign_ttl_s: int = 6 * 3600
@@ -88,7 +96,26 @@ class Engine:
 
     # runs -----------------------------------------------------------------------------
 
+    def _access(self) -> dict[str, ProviderAccess]:
+        return {"wavespeed": self._wavespeed.access, "aimlapi": self._aiml.access}
+
+    def check_providers(self, pipeline: Pipeline) -> None:
+        """Refuse a pipeline with a stage whose provider has no key, naming both."""
+        access = self._access()
+        missing = []
+        for name, stage in pipeline.stages.items():
+            model = get_model(stage.model)
+            if model is not None and access[model.provider].mode == "off":
+                variable = access[model.provider].key_variable
+                missing.append(f"stage '{name}' ({model.id}) needs {variable}")
+        if missing:
+            raise ProviderNotConfiguredError(
+                f"pipeline '{pipeline.name}': {'; '.join(missing)}, which is not set on this "
+                "server: set it, or point the provider's base URL at a local emulator"
+            )
+
     async def create_run(self, pipeline: Pipeline, inputs: Mapping[str, Any]) -> str:
+        self.check_providers(pipeline)
         bound = bind_inputs(pipeline, inputs)  # SpecError before anything is written
         run_id = await self.store.create_run(
             pipeline, bound, now=self._clock(), mirror=self._mirror is not None
@@ -187,7 +214,7 @@ class Engine:
             except Exception as exc:
                 # An unexpected error: the lease is released with backoff, never lost.
                 log.exception("job.crashed")
-                delay = min(60.0, self.config.submit_backoff_s * 2**job.tries)
+                delay = self._backoff(job.tries)
                 await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
             finally:
                 heartbeat.cancel()
@@ -239,23 +266,26 @@ class Engine:
                     job, token, prediction.id, [event], now=self._clock()
                 )
                 log.info(
-                    "stage.submitted", task_id=prediction.id, model=model.id, tries=job.tries,
+                    "stage.submitted",
+                    task_id=prediction.id,
+                    model=model.id,
+                    tries=job.tries,
                     since_due_ms=None if since_due is None else round(since_due * 1000, 3),
-                )  # fmt: skip
+                )
+        except SubmitOutcomeUnknownError as exc:
+            await self.store.set_attempt_state(job, "unknown", drop_job=True, now=self._clock())
+            log.warning("stage.submit_outcome_unknown", error=str(exc))
         except ProviderError as exc:
             if exc.retryable and job.tries < self.config.max_submit_tries:
-                await self.store.set_attempt_state(job, "forget", drop_job=False)
-                # Exponential backoff, but never sooner than the provider's Retry-After.
-                backoff = self.config.submit_backoff_s * 2 ** (job.tries - 1)
-                delay = max(backoff, exc.retry_after or 0.0)
+                # Proven not to have created a task: this attempt's row goes, and the job
+                # comes back after its backoff, never sooner than the provider's Retry-After.
+                await self.store.discard_attempt(job)
+                delay = max(self._backoff(job.tries), exc.retry_after or 0.0)
                 await self.store.retry_job(job, at=self._clock() + delay, error=str(exc))
                 log.warning("stage.submit_retrying", error=str(exc), delay_s=delay)
                 return
             await self.store.set_attempt_state(job, "rejected", drop_job=False)
             await self._reject(job, str(exc))
-        except SubmitOutcomeUnknownError as exc:
-            await self.store.set_attempt_state(job, "unknown", drop_job=True, now=self._clock())
-            log.warning("stage.submit_outcome_unknown", error=str(exc))
 
     async def _submit_aiml(self, job: Job, token: str, model: str, body: dict[str, Any]) -> None:
         try:
@@ -286,18 +316,20 @@ class Engine:
         ttl = self.config.presign_ttl_s
         return [await self._mirror.presign(uri, expires_s=ttl) for uri in stage.mirrored]
 
+    def _backoff(self, tries: int) -> float:
+        return backoff_s(tries, base=self.config.submit_backoff_s, cap=self.config.max_backoff_s)
+
     async def _mirror_outputs(self, job: Job) -> None:
-        model, stage, cancelled = await self.store.stage_state(job.run_id, job.stage)
-        if self._mirror is None or cancelled or stage.attempt != job.attempt:
-            await self.store.drop_job(job)
-            return
-        if not stage.awaiting_mirror:
+        current = await self.store.stage_state(job.run_id, job.stage)
+        stage = current.stage
+        stale = current.cancelled or stage.attempt != job.attempt or not stage.awaiting_mirror
+        if self._mirror is None or stale:
             await self.store.drop_job(job)
             return
         metadata = {
             "run-id": job.run_id,
             "stage": job.stage,
-            "model": model,
+            "model": current.model,
             "task-id": stage.task_id or "",
         }
         uris: list[str] = []
@@ -309,9 +341,12 @@ class Engine:
                 )
                 uris.append(copied.uri)
                 log.info(
-                    "output.mirrored", key=copied.key, size=copied.size,
-                    content_type=copied.content_type, reused=copied.reused,
-                )  # fmt: skip
+                    "output.mirrored",
+                    key=copied.key,
+                    size=copied.size,
+                    content_type=copied.content_type,
+                    reused=copied.reused,
+                )
         except MirrorRejectedError as exc:
             event: Event = MirrorFailed(job.stage, job.attempt, str(exc))
             await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
@@ -322,7 +357,7 @@ class Engine:
                 event = MirrorFailed(job.stage, job.attempt, f"mirroring gave up: {exc!r}")
                 await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
                 return
-            delay = min(30.0, self.config.submit_backoff_s * 2 ** (job.tries - 1))
+            delay = self._backoff(job.tries)
             await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
             log.warning("output.mirror_retrying", error=repr(exc), retry_in_s=delay)
             return

@@ -1,10 +1,19 @@
 """Errors raised by the wavechain domain.
 
-WavechainError
-├── ConfigError                 a setting is missing or malformed (names the variable)
-├── SpecError                   a pipeline file is invalid (names file, stage, field, rule)
-├── WebhookVerificationError    a callback failed signature/timestamp checks (``reason``)
-└── ProviderError               a provider call failed (``retryable``, ``status``)
+WavechainError                      every error wavechain raises on purpose (``status_hint``)
+├── ConfigError                     a setting is missing or malformed (names the variable)
+├── SpecError                       a pipeline or request is invalid (names file, stage, field)
+│   └── PipelineTooLargeError       over a configured limit (stages, size, nesting)
+├── ProviderNotConfiguredError      a run needs a provider that has no key (names variable, stage)
+├── InvalidTransitionError          an event no valid history produces (cancel an ended run)
+├── ConcurrentUpdateError           another writer changed a run between read and write
+├── WebhookVerificationError        a callback failed signature/timestamp checks (``reason``)
+└── ProviderError                   a provider call failed (``retryable``, ``status``)
+    └── SubmitOutcomeUnknownError   a submit may or may not have created (and charged) a task
+
+``status_hint`` is the HTTP status a server answers when the error reaches a request
+(h11's ``error_status_hint``): the domain never imports a web framework, and the app's
+one middleware maps every error through it.
 """
 
 from __future__ import annotations
@@ -13,17 +22,47 @@ from __future__ import annotations
 class WavechainError(Exception):
     """Base of every error wavechain raises on purpose."""
 
+    status_hint: int = 500
+
 
 class ConfigError(WavechainError):
     """A configuration value is missing or invalid; the message names the variable."""
 
 
 class SpecError(WavechainError):
-    """A pipeline spec is invalid; the message names the file, stage, field and rule."""
+    """A pipeline spec or request is invalid; the message names the file, stage, field, rule."""
+
+    status_hint = 400
+
+
+class PipelineTooLargeError(SpecError):
+    """A pipeline is over a configured limit: stages, inline spec bytes, or nesting depth."""
+
+    status_hint = 413
+
+
+class ProviderNotConfiguredError(WavechainError):
+    """A run has a stage whose provider has no API key; the message names both."""
+
+    status_hint = 422
+
+
+class InvalidTransitionError(WavechainError):
+    """An event that no valid history can produce (unknown stage, cancel an ended run)."""
+
+    status_hint = 409
+
+
+class ConcurrentUpdateError(WavechainError):
+    """Another writer changed the run between our read and our guarded write; retry."""
+
+    status_hint = 503
 
 
 class WebhookVerificationError(WavechainError):
     """A webhook failed verification. ``reason`` is a short, loggable code, never a secret."""
+
+    status_hint = 401
 
     def __init__(self, reason: str, *, detail: str = "") -> None:
         self.reason = reason
@@ -34,9 +73,12 @@ class WebhookVerificationError(WavechainError):
 class ProviderError(WavechainError):
     """A provider request failed.
 
-    ``retryable`` is true for throttling, 5xx and transport failures; false for a
-    request the provider refused (4xx), which no retry will fix.
+    ``retryable`` is true when the provider proves nothing was created and asking again
+    may work: throttling (429), or a connection refused before the request was sent.
+    False for a request the provider refused (4xx), which no retry will fix.
     """
+
+    status_hint = 502
 
     def __init__(
         self,
@@ -50,3 +92,15 @@ class ProviderError(WavechainError):
         self.status = status
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class SubmitOutcomeUnknownError(ProviderError):
+    """The submit may have created (and charged) a task, but the answer does not prove it
+    either way: a timeout, a reset, a 5xx, or a 200 whose body cannot be read. Never
+    re-sent blindly: the signed callback on the attempt's token, or reconciliation,
+    settles it."""
+
+    status_hint = 503
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message, retryable=False, status=status)

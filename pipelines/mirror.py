@@ -108,6 +108,10 @@ class S3Mirror:
     async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(partial(fn, **kwargs), limiter=self._limiter)
 
+    async def _on_bucket(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """An S3 call on our bucket, in a worker thread."""
+        return await self._call(fn, Bucket=self.config.bucket, **kwargs)
+
     def key_stem(self, run_id: str, stage: str, n: int) -> str:
         return f"{self.config.prefix}runs/{run_id}/{stage}/{n}"
 
@@ -127,15 +131,13 @@ class S3Mirror:
 
     async def _existing(self, stem: str, task_id: str) -> MirroredObject | None:
         """The object a previous run of this job finished, if any (idempotency)."""
-        listing = await self._call(
-            self._s3.list_objects_v2, Bucket=self.config.bucket, Prefix=f"{stem}.", MaxKeys=5
-        )
+        listing = await self._on_bucket(self._s3.list_objects_v2, Prefix=f"{stem}.", MaxKeys=5)
         for item in listing.get("Contents", []):
             bucket, key = self.config.bucket, item["Key"]
-            head = await self._call(self._s3.head_object, Bucket=bucket, Key=key)
+            head = await self._on_bucket(self._s3.head_object, Key=key)
             if not task_id or head.get("Metadata", {}).get("task-id") != task_id:
                 continue
-            tags = await self._call(self._s3.get_object_tagging, Bucket=bucket, Key=key)
+            tags = await self._on_bucket(self._s3.get_object_tagging, Key=key)
             sha = next((t["Value"] for t in tags["TagSet"] if t["Key"] == "sha256"), None)
             if sha:
                 return MirroredObject(
@@ -163,10 +165,14 @@ class S3Mirror:
         content_type = header[5:].split(";")[0] if header else _sniff(data)
         key = f"{stem}.{EXTENSIONS.get(content_type, 'bin')}"
         digest = hashlib.sha256(data).hexdigest()
-        await self._call(
-            self._s3.put_object, Bucket=self.config.bucket, Key=key, Body=data,
-            ContentType=content_type, Metadata=dict(metadata), Tagging=_tagging(digest),
-        )  # fmt: skip
+        await self._on_bucket(
+            self._s3.put_object,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            Metadata=dict(metadata),
+            Tagging=_tagging(digest),
+        )
         return MirroredObject(
             f"s3://{self.config.bucket}/{key}", key, len(data), digest, content_type
         )
@@ -237,27 +243,35 @@ class S3Mirror:
                 buffer += chunk
                 if len(buffer) >= part_size:
                     if upload_id is None:
-                        started = await self._call(
-                            self._s3.create_multipart_upload, Bucket=bucket, Key=key,
-                            ContentType=content_type, Metadata=dict(metadata),
-                        )  # fmt: skip
+                        started = await self._on_bucket(
+                            self._s3.create_multipart_upload,
+                            Key=key,
+                            ContentType=content_type,
+                            Metadata=dict(metadata),
+                        )
                         upload_id = started["UploadId"]
                     body, buffer = bytes(buffer), bytearray()
                     parts.append(await self._part(key, upload_id, len(parts) + 1, body))
             sha = digest.hexdigest()
             if upload_id is None:
-                await self._call(
-                    self._s3.put_object, Bucket=bucket, Key=key, Body=bytes(buffer),
-                    ContentType=content_type, Metadata=dict(metadata), Tagging=_tagging(sha),
-                )  # fmt: skip
+                await self._on_bucket(
+                    self._s3.put_object,
+                    Key=key,
+                    Body=bytes(buffer),
+                    ContentType=content_type,
+                    Metadata=dict(metadata),
+                    Tagging=_tagging(sha),
+                )
             else:
                 if buffer:
                     parts.append(await self._part(key, upload_id, len(parts) + 1, bytes(buffer)))
                     buffer = bytearray()
-                await self._call(
-                    self._s3.complete_multipart_upload, Bucket=bucket, Key=key,
-                    UploadId=upload_id, MultipartUpload={"Parts": parts},
-                )  # fmt: skip
+                await self._on_bucket(
+                    self._s3.complete_multipart_upload,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
                 upload_id = None
                 await self._tag(key, sha)
         except BaseException:
@@ -292,10 +306,14 @@ class S3Mirror:
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump)
             try:
-                await self._call(
-                    self._s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
-                    ContentLength=length, ContentType=content_type, Metadata=dict(metadata),
-                )  # fmt: skip
+                await self._on_bucket(
+                    self._s3.put_object,
+                    Key=key,
+                    Body=body,
+                    ContentLength=length,
+                    ContentType=content_type,
+                    Metadata=dict(metadata),
+                )
             except Exception as exc:  # raised outside the task group, unwrapped
                 upload_error = exc
             finally:
@@ -310,32 +328,39 @@ class S3Mirror:
         return MirroredObject(f"s3://{self.config.bucket}/{key}", key, length, sha, content_type)
 
     async def _tag(self, key: str, sha: str) -> None:
-        await self._call(
-            self._s3.put_object_tagging, Bucket=self.config.bucket, Key=key,
+        await self._on_bucket(
+            self._s3.put_object_tagging,
+            Key=key,
             Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]},
-        )  # fmt: skip
+        )
 
     async def _part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
-        answer = await self._call(
-            self._s3.upload_part, Bucket=self.config.bucket, Key=key, UploadId=upload_id,
-            PartNumber=number, Body=body,
-        )  # fmt: skip
+        answer = await self._on_bucket(
+            self._s3.upload_part,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+        )
         return {"ETag": answer["ETag"], "PartNumber": number}
 
     async def _abort(self, key: str, upload_id: str) -> None:
         # Best effort: a bucket lifecycle rule expires abandoned uploads too.
         with contextlib.suppress(Exception):
-            await self._call(
-                self._s3.abort_multipart_upload, Bucket=self.config.bucket, Key=key,
+            await self._on_bucket(
+                self._s3.abort_multipart_upload,
+                Key=key,
                 UploadId=upload_id,
-            )  # fmt: skip
+            )
 
     async def presign(self, uri: str, *, expires_s: int) -> str:
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         url: str = await self._call(
-            self._s3.generate_presigned_url, ClientMethod="get_object",
-            Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s,
-        )  # fmt: skip
+            self._s3.generate_presigned_url,
+            ClientMethod="get_object",
+            Params={"Bucket": bucket, "Key": key},
+            ExpiresIn=expires_s,
+        )
         return url
 
 

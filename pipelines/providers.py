@@ -5,26 +5,67 @@ Failures are classified for the engine:
 - ``ProviderError(retryable=True)``: 429, 5xx, or the request never left (connect error).
 - ``SubmitOutcomeUnknownError``: the request may have reached the provider but no answer
   came back (timeout, reset). A task may exist and be charged: never re-sent blindly.
+
+Which providers a process may use is decided once, at start (``ProviderAccess``): a
+provider with a key is live; one without a key is the emulator if its base URL is on
+this machine, and off otherwise.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
-from typing import Any, Final, NamedTuple
-from urllib.parse import quote
+from dataclasses import dataclass
+from typing import Any, Final, Literal, NamedTuple
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from pipelines.errors import ProviderError
+from pipelines.catalog import Provider
+from pipelines.errors import ProviderError, SubmitOutcomeUnknownError
 from pipelines.secrets import Secret
 
 TERMINAL_FAILURES: Final = frozenset({"failed", "cancelled", "timeout", "deleted"})
 _ERROR_CODE = re.compile(r"^\s*(\d{4})\b")
 
 
-class SubmitOutcomeUnknownError(Exception):
-    """The submit may or may not have created a task."""
+AccessMode = Literal["live", "emulator", "off"]
+#: What a provider with no key but a local base URL is sent: the emulator takes any key.
+EMULATOR_KEY: Final = Secret("emulator")
+
+
+def is_loopback(url: str) -> bool:
+    """True when ``url``'s host is this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAccess:
+    """How this process reaches one provider, decided once at start."""
+
+    provider: Provider
+    mode: AccessMode
+    base_url: str
+    #: The environment variable that holds the key, named when a run needs it.
+    key_variable: str
+    key: Secret | None = None
+
+    @classmethod
+    def resolve(
+        cls, provider: Provider, *, key: Secret | None, base_url: str, key_variable: str
+    ) -> ProviderAccess:
+        if key:
+            return cls(provider, "live", base_url, key_variable, key)
+        if is_loopback(base_url):
+            return cls(provider, "emulator", base_url, key_variable, EMULATOR_KEY)
+        return cls(provider, "off", base_url, key_variable, None)
 
 
 class Prediction(NamedTuple):
@@ -78,6 +119,14 @@ def parse_prediction(data: Any) -> Prediction:
     return Prediction(task_id, status, tuple(outputs), error[:2000])
 
 
+def _key(access: ProviderAccess) -> Secret:
+    if access.key is None:
+        # Runs that need an unconfigured provider are refused at creation; this is only
+        # reached by work of an older run, started when the key was set.
+        raise ProviderError(f"{access.key_variable} is not set", retryable=False)
+    return access.key
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     if value is None:
@@ -105,20 +154,16 @@ async def _read_json(resp: aiohttp.ClientResponse) -> Any:
 
 class WaveSpeedClient:
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        *,
-        base_url: str,
-        api_key: Secret,
-        timeout_s: float = 30.0,
+        self, session: aiohttp.ClientSession, access: ProviderAccess, *, timeout_s: float = 30.0
     ) -> None:
         self._session = session
-        self._base = base_url.rstrip("/")
-        self._key = api_key
+        self.access = access
+        self._base = access.base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._key.reveal()}", "X-Client-Name": "wavechain"}
+        key = _key(self.access)
+        return {"Authorization": f"Bearer {key.reveal()}", "X-Client-Name": "wavechain"}
 
     async def submit(self, model: str, body: Mapping[str, Any], *, webhook: str) -> Prediction:
         url = f"{self._base}/api/v3/{model}?webhook={quote(webhook, safe='')}"
@@ -189,21 +234,16 @@ class AimlClient:
     """AI/ML API: one synchronous call returns the finished images."""
 
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        *,
-        base_url: str,
-        api_key: Secret,
-        timeout_s: float = 300.0,
+        self, session: aiohttp.ClientSession, access: ProviderAccess, *, timeout_s: float = 300.0
     ) -> None:
         self._session = session
-        self._base = base_url.rstrip("/")
-        self._key = api_key
+        self.access = access
+        self._base = access.base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def generate(self, model: str, body: Mapping[str, Any]) -> tuple[str, ...]:
         url = f"{self._base}/v1/images/generations"
-        headers = {"Authorization": f"Bearer {self._key.reveal()}"}
+        headers = {"Authorization": f"Bearer {_key(self.access).reveal()}"}
         try:
             async with self._session.post(
                 url, json={**body, "model": model}, headers=headers, timeout=self._timeout

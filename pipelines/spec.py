@@ -228,9 +228,10 @@ def _parse_stage(
         spec = model.params.get(param_name)
         if spec is None:
             problems.add(
-                name, f"input.{param_name}",
+                name,
+                f"input.{param_name}",
                 f"unknown parameter for {model.id} (known: {', '.join(model.params)})",
-            )  # fmt: skip
+            )
             continue
         needs |= _check_param(name, param_name, spec, value, inputs, all_stages, problems)
     for param_name, spec in model.params.items():
@@ -294,10 +295,11 @@ def _check_param(
             _check_stage_ref(stage, where, spec, m[1], int(m[2]), whole, all_stages, problems)
         else:
             problems.add(
-                stage, where,
+                stage,
+                where,
                 f"unknown reference ${{{ref}}} "
                 "(use ${inputs.NAME} or ${stages.NAME.outputs[N]})",
-            )  # fmt: skip
+            )
     if not whole and spec.type not in ("string", "url"):
         problems.add(
             stage, where, f"a reference inside text makes a string; {param} takes {spec.type}"
@@ -332,13 +334,19 @@ def _check_stage_ref(
         return  # the target's own entry reports its bad model
     limit = _output_count(model, raw)
     if index >= limit:
-        problems.add(stage, where, f"stage '{target}' ({model.id}) has {limit} output(s); "
-                     f"outputs[{index}] does not exist")  # fmt: skip
+        problems.add(
+            stage,
+            where,
+            f"stage '{target}' ({model.id}) has {limit} output(s); outputs[{index}] does not exist",
+        )
     if whole and spec.type != "url" and spec.type != "string":
         problems.add(stage, where, f"stage outputs are URLs; this parameter takes {spec.type}")
     if spec.accepts is not None and model.output != spec.accepts:
-        problems.add(stage, where, f"takes an {spec.accepts}, but stage '{target}' "
-                     f"({model.id}) outputs a {model.output}")  # fmt: skip
+        problems.add(
+            stage,
+            where,
+            f"takes an {spec.accepts}, but stage '{target}' ({model.id}) outputs a {model.output}",
+        )
 
 
 def _output_count(model: ModelSpec, raw: Mapping[str, Any]) -> int:

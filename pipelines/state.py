@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pipelines.backoff import backoff_s
+from pipelines.errors import InvalidTransitionError
 from pipelines.spec import Pipeline
 
 
@@ -223,10 +225,6 @@ class Decision:
     changed: bool = True
 
 
-class InvalidTransitionError(Exception):
-    """An event that no valid history can produce (unknown stage, unscheduled attempt)."""
-
-
 # decide -------------------------------------------------------------------------------
 
 
@@ -248,10 +246,8 @@ def _retry(pipeline: Pipeline, state: RunState, event: RetryRequested) -> Decisi
             raise InvalidTransitionError(f"run {state.run_id} has no stage {event.from_stage!r}")
         again = {event.from_stage} | pipeline.downstream(event.from_stage)
     else:
-        again = {
-            name for name, s in state.stages.items()
-            if s.status in (StageStatus.FAILED, StageStatus.CANCELLED)
-        }  # fmt: skip
+        ended = (StageStatus.FAILED, StageStatus.CANCELLED)
+        again = {name for name, s in state.stages.items() if s.status in ended}
         if not again:
             raise InvalidTransitionError(
                 f"run {state.run_id} has nothing to retry; name a stage with --from"
@@ -351,7 +347,7 @@ def _task_event(
         policy = pipeline.stages[event.stage].retry
         used = current.attempt - current.base_attempt
         if event.retryable and used < policy.attempts:
-            delay = policy.backoff_s * 2 ** (used - 1)
+            delay = backoff_s(used, base=policy.backoff_s)
             retry = StageState(
                 attempt=current.attempt + 1, base_attempt=current.base_attempt, error=event.error
             )

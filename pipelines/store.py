@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from pipelines import spec as specs
-from pipelines.errors import ConfigError
+from pipelines.errors import ConcurrentUpdateError, ConfigError
 from pipelines.sqlite import GroupCommitter
 from pipelines.state import (
     Command,
@@ -242,6 +242,14 @@ class OutboxRow:
     body: dict[str, Any]
 
 
+class StageContext(NamedTuple):
+    """What a job about to work on a stage reads: its model, state, and the run's cancel."""
+
+    model: str
+    stage: StageState
+    cancelled: bool
+
+
 class WebhookOutcome(NamedTuple):
     """What a delivery did. A named tuple, as ``Prediction``: one per delivery, built on
     the writer thread, which shares the receiver's GIL."""
@@ -252,14 +260,13 @@ class WebhookOutcome(NamedTuple):
 
 
 class Store:
-    """The SQLite backend. ``on_jobs`` is called (on the loop) when new jobs may be due."""
+    """The SQLite backend. Listeners (``listen``) are called on the loop after a commit
+    that may have made jobs due or added events."""
 
     def __init__(
         self,
         database_url: str,
         *,
-        on_jobs: Callable[[], None] | None = None,
-        on_events: Callable[[], None] | None = None,
         callback_timeout_s: float = 600.0,
         hard_timeout_factor: float = 4.0,
     ) -> None:
@@ -268,8 +275,8 @@ class Store:
         self._db = GroupCommitter(
             _sqlite_path(database_url), schema=SCHEMA, on_rollback=self._forget_states
         )
-        self._on_jobs = on_jobs or (lambda: None)
-        self._on_events = on_events or (lambda: None)
+        self._job_listeners: list[Callable[[], None]] = []
+        self._event_listeners: list[Callable[[], None]] = []
         # Both caches are used by operations only, so only on the writer thread.
         self._pipelines: OrderedDict[str, specs.Pipeline] = OrderedDict()
         # Each run's state as of its version: every change to a stage's state goes through
@@ -305,9 +312,17 @@ class Store:
             conn.execute(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
                 "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, pipeline.name, json.dumps(pipeline.source), json.dumps(dict(inputs)),
-                 state.status.value, int(mirror), now, now),
-            )  # fmt: skip
+                (
+                    run_id,
+                    pipeline.name,
+                    json.dumps(pipeline.source),
+                    json.dumps(dict(inputs)),
+                    state.status.value,
+                    int(mirror),
+                    now,
+                    now,
+                ),
+            )
             conn.executemany(
                 "INSERT INTO stages (run_id, name, model, status) VALUES (?, ?, ?, ?)",
                 [
@@ -402,9 +417,26 @@ class Store:
             self._notify()
         return outcome
 
+    def listen(
+        self,
+        *,
+        jobs: Callable[[], None] | None = None,
+        events: Callable[[], None] | None = None,
+    ) -> None:
+        """Call ``jobs`` when new jobs may be due, ``events`` when events were added."""
+        if jobs is not None:
+            self._job_listeners.append(jobs)
+        if events is not None:
+            self._event_listeners.append(events)
+
+    def _on_jobs(self) -> None:
+        for listener in self._job_listeners:
+            listener()
+
     def _notify(self) -> None:
         self._on_jobs()
-        self._on_events()
+        for listener in self._event_listeners:
+            listener()
 
     def _forget_states(self) -> None:
         # Rare (an operation failed, or a commit did): forgetting every cached state is
@@ -493,11 +525,22 @@ class Store:
                 "submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END, "
                 "finished_at = CASE WHEN ? THEN ? ELSE NULL END "
                 "WHERE run_id = ? AND name = ?",
-                (stage.status.value, stage.attempt, stage.task_id, json.dumps(stage.outputs),
-                 json.dumps(stage.mirrored), stage.error, stage.base_attempt,
-                 stage.status is StageStatus.SUBMITTED, now,
-                 stage.status.terminal, now, run_id, name),
-            )  # fmt: skip
+                (
+                    stage.status.value,
+                    stage.attempt,
+                    stage.task_id,
+                    json.dumps(stage.outputs),
+                    json.dumps(stage.mirrored),
+                    stage.error,
+                    stage.base_attempt,
+                    stage.status is StageStatus.SUBMITTED,
+                    now,
+                    stage.status.terminal,
+                    now,
+                    run_id,
+                    name,
+                ),
+            )
             self._set_deadline(conn, pipeline, run_id, name, old, stage, now)
         # Guarded write: a concurrent writer (another replica) makes this match nothing.
         updated = conn.execute(
@@ -628,6 +671,16 @@ class Store:
         self._on_jobs()
         return decision
 
+    async def discard_attempt(self, job: Job) -> None:
+        """Delete the attempt row of a submit the provider proved it never took (429, or
+        no connection), so the job's next try records a fresh one."""
+        await self._db.run(
+            lambda conn: conn.execute(
+                "DELETE FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
+                (job.run_id, job.stage, job.attempt),
+            )
+        )
+
     async def set_attempt_state(
         self, job: Job, state: str, *, drop_job: bool, now: float | None = None
     ) -> None:
@@ -641,16 +694,10 @@ class Store:
                     "WHERE run_id = ? AND name = ? AND attempt = ?",
                     (hard, hard, job.run_id, job.stage, job.attempt),
                 )
-            if state == "forget":
-                conn.execute(
-                    "DELETE FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
-                    (job.run_id, job.stage, job.attempt),
-                )
-            else:
-                conn.execute(
-                    "UPDATE attempts SET state = ? WHERE run_id = ? AND stage = ? AND attempt = ?",
-                    (state, job.run_id, job.stage, job.attempt),
-                )
+            conn.execute(
+                "UPDATE attempts SET state = ? WHERE run_id = ? AND stage = ? AND attempt = ?",
+                (state, job.run_id, job.stage, job.attempt),
+            )
             if drop_job:
                 conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
 
@@ -678,11 +725,19 @@ class Store:
             )
             return [
                 self._with_context(
-                    conn, Job(r["id"], r["kind"], r["run_id"], r["stage"], r["attempt"],
-                              r["tries"] + 1, due_at=r["run_after"]),
+                    conn,
+                    Job(
+                        r["id"],
+                        r["kind"],
+                        r["run_id"],
+                        r["stage"],
+                        r["attempt"],
+                        r["tries"] + 1,
+                        due_at=r["run_after"],
+                    ),
                 )
                 for r in rows
-            ]  # fmt: skip
+            ]
 
         return await self._db.run(op, durable=False)
 
@@ -707,13 +762,11 @@ class Store:
     async def drop_job(self, job: Job) -> None:
         await self._db.run(lambda conn: conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,)))
 
-    async def stage_state(self, run_id: str, stage: str) -> tuple[str, StageState, bool]:
-        """(model, stage state, run cancelled) for a job about to work on ``stage``."""
-
-        def op(conn: sqlite3.Connection) -> tuple[str, StageState, bool]:
+    async def stage_state(self, run_id: str, stage: str) -> StageContext:
+        def op(conn: sqlite3.Connection) -> StageContext:
             pipeline = self._pipeline(conn, run_id)
             state, _ = self._load_state(conn, run_id)
-            return pipeline.stages[stage].model, state.stages[stage], state.cancelled
+            return StageContext(pipeline.stages[stage].model, state.stages[stage], state.cancelled)
 
         return await self._db.run(op)
 
@@ -733,10 +786,16 @@ class Store:
                 [(now + lease_s, r["run_id"], r["name"]) for r in rows],
             )
             return [
-                DueStage(r["run_id"], r["name"], r["attempt"], r["task_id"], r["status"],
-                         r["hard_deadline"] or now)
+                DueStage(
+                    r["run_id"],
+                    r["name"],
+                    r["attempt"],
+                    r["task_id"],
+                    r["status"],
+                    r["hard_deadline"] or now,
+                )
                 for r in rows
-            ]  # fmt: skip
+            ]
 
         # Not durable: a claim lost in a power cut only means the stage is looked at again.
         return await self._db.run(op, durable=False)
@@ -826,28 +885,34 @@ class Store:
         )
 
 
-class ConcurrentUpdateError(Exception):
-    """Another writer changed the run between our read and our guarded write."""
-
-
 def _run_view(conn: sqlite3.Connection, run_id: str) -> RunView | None:
     run = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
     if run is None:
         return None
     stages = [
         StageView(
-            name=r["name"], model=r["model"], status=r["status"], attempt=r["attempt"],
-            task_id=r["task_id"], outputs=json.loads(r["outputs"]),
-            mirrored=json.loads(r["mirrored"]), error=r["error"],
-            submitted_at=r["submitted_at"], finished_at=r["finished_at"],
+            name=r["name"],
+            model=r["model"],
+            status=r["status"],
+            attempt=r["attempt"],
+            task_id=r["task_id"],
+            outputs=json.loads(r["outputs"]),
+            mirrored=json.loads(r["mirrored"]),
+            error=r["error"],
+            submitted_at=r["submitted_at"],
+            finished_at=r["finished_at"],
         )
         for r in conn.execute("SELECT * FROM stages WHERE run_id = ? ORDER BY rowid", (run_id,))
-    ]  # fmt: skip
+    ]
     return RunView(
-        id=run["id"], pipeline=run["pipeline"], status=run["status"],
-        inputs=json.loads(run["inputs"]), created_at=run["created_at"],
-        updated_at=run["updated_at"], stages=stages,
-    )  # fmt: skip
+        id=run["id"],
+        pipeline=run["pipeline"],
+        status=run["status"],
+        inputs=json.loads(run["inputs"]),
+        created_at=run["created_at"],
+        updated_at=run["updated_at"],
+        stages=stages,
+    )
 
 
 def event_envelope(

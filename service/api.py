@@ -11,7 +11,6 @@ from aiohttp import web
 
 from pipelines import spec as specs
 from pipelines.errors import SpecError
-from pipelines.state import InvalidTransitionError
 from service import keys
 
 
@@ -65,7 +64,7 @@ async def create_run(request: web.Request) -> web.Response:
         raise SpecError("inputs: must be an object")
     engine = request.app[keys.ENGINE]
     run_id = await engine.create_run(pipeline, inputs)
-    view = await engine.store.get_run(run_id)
+    view = await request.app[keys.STORE].get_run(run_id)
     assert view is not None  # noqa: S101 - just written in the same process
     return web.json_response(view.as_json(), status=201)
 
@@ -76,13 +75,13 @@ async def list_runs(request: web.Request) -> web.Response:
         limit = max(1, min(int(request.query.get("limit", "50")), 500))
     except ValueError:
         raise SpecError("limit: must be an integer") from None
-    runs = await request.app[keys.ENGINE].store.list_runs(limit=limit, status=status)
+    runs = await request.app[keys.STORE].list_runs(limit=limit, status=status)
     return web.json_response({"runs": [r.as_json() for r in runs]})
 
 
 async def _run_json(request: web.Request) -> dict[str, Any]:
     """The run named in the path, as JSON; 404 if there is none."""
-    view = await request.app[keys.ENGINE].store.get_run(request.match_info["id"])
+    view = await request.app[keys.STORE].get_run(request.match_info["id"])
     if view is None:
         raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
     return view.as_json()
@@ -94,10 +93,7 @@ async def get_run(request: web.Request) -> web.Response:
 
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = (await _run_json(request))["id"]
-    try:
-        await request.app[keys.ENGINE].cancel(run_id)
-    except InvalidTransitionError as exc:
-        return web.json_response({"error": str(exc)}, status=409)
+    await request.app[keys.ENGINE].cancel(run_id)  # InvalidTransitionError: 409
     return web.json_response(await _run_json(request))
 
 
@@ -107,10 +103,7 @@ async def retry_run(request: web.Request) -> web.Response:
     from_stage = body.get("from")
     if from_stage is not None and not isinstance(from_stage, str):
         raise SpecError("from: must be a stage name")
-    try:
-        await request.app[keys.ENGINE].retry(run_id, from_stage)
-    except InvalidTransitionError as exc:
-        return web.json_response({"error": str(exc)}, status=409)
+    await request.app[keys.ENGINE].retry(run_id, from_stage)  # InvalidTransitionError: 409
     return web.json_response(await _run_json(request))
 
 
@@ -118,8 +111,8 @@ async def list_pipelines(request: web.Request) -> web.Response:
     out = []
     for name in await anyio.to_thread.run_sync(example_names):
         pipeline = await load_example(name)
-        out.append({"name": name, "description": pipeline.description,
-                    "stages": {n: s.model for n, s in pipeline.stages.items()}})  # fmt: skip
+        stages = {n: s.model for n, s in pipeline.stages.items()}
+        out.append({"name": name, "description": pipeline.description, "stages": stages})
     return web.json_response({"pipelines": out})
 
 

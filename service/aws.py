@@ -45,9 +45,10 @@ def make_clients(settings: Settings) -> AwsClients:
         # over plain HTTP it would read the body first to sign and checksum it. There,
         # send it unsigned and without the optional checksum.
         s3_kwargs["config"] = s3_kwargs["config"].merge(
-            Config(request_checksum_calculation="when_required",
-                   s3={"payload_signing_enabled": False})
-        )  # fmt: skip
+            Config(
+                request_checksum_calculation="when_required", s3={"payload_signing_enabled": False}
+            )
+        )
     return AwsClients(
         s3=session.client("s3", **s3_kwargs),
         sns=session.client("sns", **kwargs),

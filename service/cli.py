@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import signal
 import sys
@@ -21,49 +20,59 @@ from aiohttp import web
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
 from service import keys
-from service.app import AccessLog, create_app
+from service.app import create_app
 from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
 from service.demo import run_demo
-from service.logging import configure_logging
+from service.logs import configure_logging
+from service.middlewares import AccessLog
 from service.settings import Settings
 from service.tail import Tail, filter_policy, tail
 
 log = structlog.get_logger("wavechain.cli")
 
 
-def _fault(text: str) -> tuple[str, Any]:
+def _assignment(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE``, the value read as a YAML scalar or list (``7`` an integer, ``true`` a
+    boolean, ``[a, b]`` a list); anything else, a mapping included, stays the text."""
     name, sep, raw = text.partition("=")
-    if not sep or not name:
+    if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw  # a bare string, e.g. failure_error=oops
-    return name.strip(), value
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    scalar = (str, int, float, bool)
+    if value is None or isinstance(value, scalar):
+        return name.strip(), raw if value is None else value
+    if isinstance(value, list) and all(isinstance(v, scalar) for v in value):
+        return name.strip(), value
+    return name.strip(), raw
 
 
 def _add_emulator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "emulator",
-        help="run the offline WaveSpeed / AI/ML API emulator",
-        description="An offline stand-in for api.wavespeed.ai and api.aimlapi.com.",
+        help="run the offline stand-in for WaveSpeed and the AI/ML API",
+        description="An offline stand-in for api.wavespeed.ai and api.aimlapi.com: real "
+        "outputs, signed webhooks, and fault knobs. Point WAVESPEED_BASE_URL and "
+        "AIMLAPI_BASE_URL at it.",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8900)
-    p.add_argument("--latency", type=float, help="seconds from submit to a terminal status")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8900, help="listen port (default 8900)")
+    p.add_argument("--latency", type=float, help="seconds from submit to a finished task")
     p.add_argument(
         "--webhook-secret",
         help="whsec_… secret to sign webhooks with (default: $EMULATOR_WEBHOOK_SECRET or random)",
     )
     p.add_argument(
         "--fault",
-        type=_fault,
+        type=_assignment,
         action="append",
         default=[],
         metavar="NAME=VALUE",
         help="set a fault, e.g. failure_rate=0.2, drop_rate=0.5, submit_error_status=503; "
-        "see GET /_emulator/faults for every name",
+        "GET /_emulator/faults lists every name",
     )
 
 
@@ -86,23 +95,68 @@ def _run_emulator(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
-def _set(text: str) -> tuple[str, Any]:
-    name, sep, raw = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    # YAML scalars: seed=7 is an integer, flag=true a boolean, anything else a string.
-    value = yaml.safe_load(raw) if raw else ""
-    return name.strip(), value if isinstance(value, str | int | float | bool) else raw
+DESCRIPTION = """\
+Durable, webhook-driven pipelines for Hunyuan models on WaveSpeedAI: each stage is
+submitted with a webhook, advanced on the provider's signed callback, mirrored to S3
+and announced on SNS.
+
+Start with:
+  wavechain demo                      the whole chain offline: emulator, local S3/SNS, SQLite
+  wavechain serve                     the receiver, REST API and workers
+  wavechain run FILE|EXAMPLE --wait   start a run on a server and follow it
+"""
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline input, e.g. --set prompt='a red kite' --set seed=7 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wavechain", description=__doc__)
-    parser.add_argument("--log-level", help="default INFO (WARNING for demo)")
-    parser.add_argument("--log-json", action="store_true", default=None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_emulator(sub)
+    parser = argparse.ArgumentParser(
+        prog="wavechain",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)"
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="log JSON lines even on a terminal (the default elsewhere)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the receiver, REST API and workers")
+    p = sub.add_parser(
+        "demo",
+        help="run a pipeline end to end offline: emulator, local S3/SNS, SQLite",
+        description="Starts the provider emulator, a local S3/SNS/SQS endpoint and the "
+        "receiver on free ports, runs one bundled pipeline, and shows what was mirrored "
+        "and published. Needs no account and no network.",
+    )
+    p.add_argument(
+        "--pipeline",
+        default="image_video_3d",
+        help="the bundled example to run (default image_video_3d; see GET /v1/pipelines)",
+    )
+    _add_inputs(p)
+    p.add_argument("--latency", type=float, default=1.0, help="emulated seconds per task")
+
+    p = sub.add_parser(
+        "serve",
+        help="run the receiver, REST API and workers",
+        description="Serves the webhook receiver and the REST API, and runs the workers, "
+        "the reconciliation sweeper and the event relay. Configured by environment "
+        "variables (see the README).",
+    )
     p.add_argument("--host", help="listen address (default $WAVECHAIN_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default $WAVECHAIN_PORT or 8000)")
 
@@ -110,49 +164,56 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--server", help="wavechain API base URL (default $WAVECHAIN_URL or http://127.0.0.1:8000)"
     )
-    server.add_argument("--json", action="store_true", help="print JSON")
+    server.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = sub.add_parser("run", parents=[server], help="start a run of a pipeline file or example")
+    p = sub.add_parser(
+        "run", parents=[server], help="start a run of a pipeline file or bundled example"
+    )
     p.add_argument("pipeline", help="a pipeline YAML file, or the name of a bundled example")
-    p.add_argument("--set", type=_set, action="append", default=[], metavar="NAME=VALUE")
+    _add_inputs(p)
     p.add_argument("--wait", action="store_true", help="follow progress until the run ends")
 
-    p = sub.add_parser("status", parents=[server], help="show one run")
-    p.add_argument("run_id")
+    p = sub.add_parser("status", parents=[server], help="show one run, stage by stage")
+    p.add_argument("run_id", help="the run's id (run_…)")
     sub.add_parser("runs", parents=[server], help="list recent runs")
     p = sub.add_parser("cancel", parents=[server], help="cancel a run")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help="the run's id (run_…)")
     p = sub.add_parser(
-        "retry", parents=[server],
+        "retry",
+        parents=[server],
         help="re-run a run's failed stages, or --from STAGE and everything downstream",
-    )  # fmt: skip
-    p.add_argument("run_id")
-    p.add_argument("--from", dest="from_stage", metavar="STAGE")
+    )
+    p.add_argument("run_id", help="the run's id (run_…)")
+    p.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="re-run this stage and its downstream"
+    )
     p.add_argument("--wait", action="store_true", help="follow progress until the run ends")
 
     p = sub.add_parser("validate", help="check pipeline files without submitting anything")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="pipeline YAML files")
 
-    p = sub.add_parser("events", help="lifecycle events on the SNS topic")
-    events = p.add_subparsers(dest="events_command", required=True)
+    p = sub.add_parser("events", help="watch lifecycle events on the SNS topic")
+    events = p.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
     p = events.add_parser(
         "tail",
         help="subscribe a fresh SQS queue to $SNS_TOPIC_ARN and print events as they arrive",
+        description="Subscribes a fresh SQS queue to the topic, prints events as they "
+        "arrive, and removes the queue and subscription when it stops.",
     )
-    p.add_argument("--topic-arn", help="default $SNS_TOPIC_ARN")
+    p.add_argument("--topic-arn", help="the SNS topic (default $SNS_TOPIC_ARN)")
     p.add_argument(
-        "--filter", action="append", default=[], metavar="NAME=V1,V2",
+        "--filter",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
         help="SNS filter policy on an attribute (event_type, pipeline, run_id, stage, model, "
         "status), e.g. --filter event_type=stage.succeeded,run.failed",
-    )  # fmt: skip
+    )
     p.add_argument("--json", action="store_true", help="print each event's JSON")
     p.add_argument("--max", type=int, help="stop after this many events")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
 
-    p = sub.add_parser("demo", help="emulator + receiver on free ports, one pipeline end to end")
-    p.add_argument("--pipeline", default="image_video_3d")
-    p.add_argument("--set", type=_set, action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--latency", type=float, default=1.0, help="emulated seconds per task")
+    _add_emulator(sub)
     return parser
 
 
@@ -247,22 +308,17 @@ async def serve_until_signal(settings: Settings) -> None:
     """
     app = create_app(settings)
     runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s,
+        app,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_grace_s,
         access_log_class=AccessLog,
-    )  # fmt: skip
+    )
     await runner.setup()
-    # What startup built (modules, boto3's service models, the app) lives as long as the
-    # process. Frozen, it is out of the collector's sight, so full collections under load
-    # walk only what requests allocate (measured: p99 of the receiver benchmark 76-93 ms
-    # without, 35-48 ms with; full collections had paused the loop for up to 70 ms).
+    # What startup built lives as long as the process: frozen, full collections under
+    # load walk only what requests allocate; and a higher first threshold collects the
+    # few cycles each request leaves less often (docs/benchmarks.md has the figures).
     gc.collect()
     gc.freeze()
-    # Each request leaves a few objects in reference cycles (aiohttp's request and
-    # protocol objects), so at the default threshold (700) the youngest generation was
-    # collected every 30 or so deliveries, each time walking every live young object:
-    # about 10 µs of CPU per delivery under the receiver benchmark's load (1,004 young
-    # and 90 middle collections in 31,000 requests, measured with gc.callbacks). At
-    # 20,000 it is about 1 µs; the garbage waiting for a collection is a few MiB at most.
     gc.set_threshold(20_000, 50, 100)
     await web.TCPSite(runner, settings.host, settings.port).start()
     stop = asyncio.Event()
@@ -286,8 +342,13 @@ def _events_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     aws = make_clients(settings)
     subscription = Tail(aws.sns, aws.sqs, topic, policy)
     try:
-        tail(subscription, sys.stdout, as_json=args.json, max_events=args.max,
-             timeout_s=args.timeout)  # fmt: skip
+        tail(
+            subscription,
+            sys.stdout,
+            as_json=args.json,
+            max_events=args.max,
+            timeout_s=args.timeout,
+        )
     except KeyboardInterrupt:
         pass
     finally:

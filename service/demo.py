@@ -17,10 +17,10 @@ import anyio.to_thread
 from aiohttp import web
 
 from pipelines.errors import ConfigError
-from pipelines.secrets import Secret
-from service.app import AccessLog, create_app
+from service.app import create_app
 from service.aws import AwsClients, make_clients
 from service.client import ApiClient, follow, summary
+from service.middlewares import AccessLog
 from service.settings import Settings
 from service.tail import Tail
 
@@ -61,8 +61,9 @@ def local_aws(log: Path) -> Iterator[str]:
     with log.open("ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - fixed arguments, our own interpreter
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=out,
-        )  # fmt: skip
+            stdout=out,
+            stderr=out,
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -124,10 +125,9 @@ async def run_demo(
             settings = Settings(
                 port=port,
                 database_url=f"sqlite:///{tmp}/state.db",
+                # No keys: both providers are the local emulator.
                 wavespeed_base_url=emulator_url,
                 aimlapi_base_url=emulator_url,
-                wavespeed_api_key=Secret("emulator"),
-                aimlapi_key=Secret("emulator"),
                 poll_interval_s=0.2,
                 aws_endpoint_url=aws_endpoint,
                 s3_bucket=BUCKET,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -12,7 +12,9 @@ from anyio import CapacityLimiter
 
 from pipelines.engine import Engine
 from pipelines.events import OutboxRelay
+from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
+from pipelines.store import Store
 from pipelines.sweeper import Sweeper
 from service.aws import AwsClients
 from service.settings import Settings
@@ -20,17 +22,32 @@ from service.settings import Settings
 
 @dataclass(slots=True)
 class Health:
+    """Readiness: true once the workers run, false from the moment draining starts."""
+
     ready: bool = False
-    webhook_secrets: tuple[Secret, ...] = field(default=())
+
+
+@dataclass(slots=True)
+class WebhookSecrets:
+    """The secrets webhook signatures are checked against (several during a rotation).
+
+    Empty when WaveSpeed is off and none are configured: every callback is refused.
+    """
+
+    current: tuple[Secret, ...] = ()
 
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
-HTTP = web.AppKey("http", aiohttp.ClientSession)
-ENGINE = web.AppKey("engine", Engine)
 HEALTH = web.AppKey("health", Health)
+WEBHOOK_SECRETS = web.AppKey("webhook_secrets", WebhookSecrets)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
 AWS = web.AppKey("aws", AwsClients)
 AWS_LIMITER = web.AppKey("aws_limiter", CapacityLimiter)
+STORE = web.AppKey("store", Store)
+WAVESPEED = web.AppKey("wavespeed", WaveSpeedClient)
+AIML = web.AppKey("aiml", AimlClient)
+ENGINE = web.AppKey("engine", Engine)
 RELAY = web.AppKey("relay", OutboxRelay)
 SWEEPER = web.AppKey("sweeper", Sweeper)
 #: Fields a handler adds to its request's one access line (what it did, for whom).

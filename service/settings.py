@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipelines.catalog import Provider
 from pipelines.errors import ConfigError
+from pipelines.providers import ProviderAccess
 from pipelines.secrets import Secret
 
 DEFAULT_WAVESPEED = "https://api.wavespeed.ai"
@@ -67,6 +69,23 @@ class Settings:
     def allowed_hosts(self) -> tuple[str, ...]:
         hosts = {urlsplit(u).hostname for u in (self.wavespeed_base_url, self.aimlapi_base_url)}
         return (*self.mirror_allowed_hosts, *sorted(h for h in hosts if h))
+
+    def provider_access(self) -> dict[Provider, ProviderAccess]:
+        """Each provider's access: live (a key), emulator (no key, a local base URL), or off."""
+        return {
+            "wavespeed": ProviderAccess.resolve(
+                "wavespeed",
+                key=self.wavespeed_api_key,
+                base_url=self.wavespeed_base_url,
+                key_variable="WAVESPEED_API_KEY",
+            ),
+            "aimlapi": ProviderAccess.resolve(
+                "aimlapi",
+                key=self.aimlapi_key,
+                base_url=self.aimlapi_base_url,
+                key_variable="AIMLAPI_KEY",
+            ),
+        }
 
     @property
     def base_url(self) -> str:

@@ -38,22 +38,33 @@ class Tail:
         # Real SQS accepts SNS deliveries only when the queue's policy allows the topic.
         sqs.set_queue_attributes(
             QueueUrl=self.queue_url,
-            Attributes={"Policy": json.dumps({
-                "Version": "2012-10-17",
-                "Statement": [{
-                    "Effect": "Allow", "Principal": {"Service": "sns.amazonaws.com"},
-                    "Action": "sqs:SendMessage", "Resource": queue_arn,
-                    "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
-                }],
-            })},
-        )  # fmt: skip
+            Attributes={
+                "Policy": json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Principal": {"Service": "sns.amazonaws.com"},
+                                "Action": "sqs:SendMessage",
+                                "Resource": queue_arn,
+                                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+                            }
+                        ],
+                    }
+                )
+            },
+        )
         attributes = {"RawMessageDelivery": "true"}
         if policy:
             attributes["FilterPolicy"] = json.dumps(policy)
         self.subscription_arn: str = sns.subscribe(
-            TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn,
-            Attributes=attributes, ReturnSubscriptionArn=True,
-        )["SubscriptionArn"]  # fmt: skip
+            TopicArn=topic_arn,
+            Protocol="sqs",
+            Endpoint=queue_arn,
+            Attributes=attributes,
+            ReturnSubscriptionArn=True,
+        )["SubscriptionArn"]
 
     def receive(self, wait_s: int = 10) -> list[dict[str, Any]]:
         answer = self._sqs.receive_message(

@@ -67,7 +67,7 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
         verified = signing.verify(
             body,
             request.headers,
-            app[keys.HEALTH].webhook_secrets,
+            app[keys.WEBHOOK_SECRETS].current,
             now=app[keys.CLOCK](),
             tolerance_s=settings.webhook_tolerance_s,
         )
@@ -94,6 +94,8 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
     status = _STATUS[outcome.effect]
     headers = {"Retry-After": "1"} if status == 503 else None
     return web.Response(
-        body=_BODIES[outcome.effect], status=status, content_type="application/json",
+        body=_BODIES[outcome.effect],
+        status=status,
+        content_type="application/json",
         headers=headers,
-    )  # fmt: skip
+    )

@@ -19,6 +19,17 @@ TEST_SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXdhdmVjaGFpbg=="
 API_KEY = "test-key"
 
 
+_LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its layer, by folder: `pytest -m unit` runs the pure ones."""
+    for item in items:
+        layer = item.path.parent.name
+        if layer in _LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach a real provider or AWS account through the environment."""

@@ -116,7 +116,8 @@ def test_serve_refuses_bad_config() -> None:
     proc = cli("serve", env={"WAVECHAIN_PORT": "http"})
     assert proc.returncode == 2 and "WAVECHAIN_PORT must be an integer" in proc.stderr
     proc = cli("serve", env={"WAVECHAIN_PORT": str(free_port())})
-    assert proc.returncode == 2 and "WAVESPEED_API_KEY is not set" in proc.stderr
+    assert proc.returncode == 2 and "no provider is configured" in proc.stderr
+    assert "WAVESPEED_API_KEY" in proc.stderr and "AIMLAPI_KEY" in proc.stderr
 
 
 def test_demo_completes_without_polling() -> None:

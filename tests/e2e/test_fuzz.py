@@ -1,8 +1,13 @@
-"""Property-based abuse of the webhook route and the REST API on a live server."""
+"""Property-based abuse of the webhook route and the REST API on a live server.
+
+`make test` runs a small, fast sample; `make fuzz` multiplies every test's examples by
+``FUZZ_SCALE`` (20 there: over 10,000 generated requests) and prints the count.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +23,11 @@ from tests.support.procs import free_port, serve_env, wavechain
 
 SECRET = "whsec_ZnV6ei1zZWNyZXQ="
 COUNT: dict[str, int] = {"webhook": 0, "api": 0}
+SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
+
+
+def examples(n: int) -> int:
+    return n * SCALE
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +57,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             time.sleep(0.05)
         yield {"api": api, "hook": tasks[0]["webhook"], "task": tasks[0], "run": run["id"],
                "proc": proc}  # fmt: skip
-    print(f"\nfuzz cases: {COUNT['webhook']} webhook, {COUNT['api']} REST API")
+    total = COUNT["webhook"] + COUNT["api"]
+    print(f"\nfuzz requests: {COUNT['webhook']} webhook + {COUNT['api']} REST API = {total}")
 
 
 header_values = st.one_of(
@@ -79,7 +90,7 @@ def _check_unchanged(live: dict[str, Any]) -> None:
     assert live["proc"].poll() is None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     body=bodies,
     headers=st.dictionaries(
@@ -98,7 +109,8 @@ def _check_unchanged(live: dict[str, Any]) -> None:
 def test_webhook_route_never_5xx_and_never_changes_state(
     live: dict[str, Any], body: bytes, headers: dict[str, str], use_real_token: bool, token: str
 ) -> None:
-    """Random headers, bodies, encodings and signatures: 4xx at worst, nothing applied."""
+    """Random headers, bodies, encodings and signatures: 4xx at worst, and the run waiting
+    on the real token is exactly as it was after each request."""
     COUNT["webhook"] += 1
     url = live["hook"] if use_real_token else f"{live['api']}/webhooks/wavespeed/{token}"
     # HTTP/1.1 cannot carry control characters or leading spaces in a header value.
@@ -112,9 +124,10 @@ def test_webhook_route_never_5xx_and_never_changes_state(
     resp = requests.post(url, data=body, headers=safe, timeout=10)
     assert resp.status_code < 500, resp.text
     assert resp.status_code in (400, 401, 404, 413)
+    _check_unchanged(live)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
 @given(size=st.integers(1024 * 1024 - 8, 1024 * 1024 + 4096))
 def test_body_cap_with_real_token(live: dict[str, Any], size: int) -> None:
     """Around the 1 MiB cap: signed but huge bodies are refused before parsing."""
@@ -123,9 +136,10 @@ def test_body_cap_with_real_token(live: dict[str, Any], size: int) -> None:
     headers = signing.sign(body, secret=SECRET, webhook_id="m", timestamp=int(time.time()))
     resp = requests.post(live["hook"], data=body, headers=headers, timeout=10)
     assert resp.status_code == (413 if size > 1024 * 1024 else 400)
+    _check_unchanged(live)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
     path=st.sampled_from(["/v1/runs", "/v1/runs/{x}", "/v1/runs/{x}/cancel", "/v1/pipelines",
@@ -139,9 +153,10 @@ def test_rest_api_never_5xx(
     """Random methods, paths and bodies against the REST API never produce a 5xx."""
     COUNT["api"] += 1
     url = live["api"] + path.replace("{x}", quote(x, safe=""))
-    resp = requests.request(method, url, data=body, timeout=10,
-                            headers={"Content-Type": "application/json"})  # fmt: skip
+    headers = {"Content-Type": "application/json"}
+    resp = requests.request(method, url, data=body, timeout=10, headers=headers)
     assert resp.status_code < 500, (method, url, resp.text)
+    _check_unchanged(live)
 
 
 def test_state_untouched_and_genuine_callback_still_works(live: dict[str, Any]) -> None:

@@ -138,7 +138,7 @@ async def test_events_reach_subscribed_queue(
 
 
 async def _until_published(wc: Wavechain, run_id: str, limit_s: float = 20) -> None:
-    store = wc.app[keys.ENGINE].store
+    store = wc.app[keys.STORE]
     async with asyncio.timeout(limit_s):
         while any(r.run_id == run_id for r in await store.pending_events(limit=1000)):
             await asyncio.sleep(0.05)
@@ -334,7 +334,7 @@ async def test_sns_outage_keeps_events_until_it_returns(
     ids = [(await wc.create_run("image_video_3d"))["id"] for _ in range(2)]
     for run_id in ids:
         assert (await wc.wait(run_id))["status"] == "succeeded"
-    store = wc.app[keys.ENGINE].store
+    store = wc.app[keys.STORE]
     assert len(await store.pending_events(limit=1000)) == 16
     flaky_aws.restore()
     for run_id in ids:

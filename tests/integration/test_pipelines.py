@@ -54,7 +54,7 @@ def by_name(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def events(wc: Wavechain, run_id: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = await wc.app[keys.ENGINE].store.outbox(run_id)
+    rows: list[dict[str, Any]] = await wc.app[keys.STORE].outbox(run_id)
     return rows
 
 
@@ -129,7 +129,7 @@ async def test_duplicates_and_reordering_give_one_transition_per_stage(
     for run_id in ids:
         assert (await wc.wait(run_id))["status"] == "succeeded"
     await asyncio.sleep(0.4)  # let the last copies land
-    store = wc.app[keys.ENGINE].store
+    store = wc.app[keys.STORE]
     for run_id in ids:
         types = Counter(e["type"] for e in await events(wc, run_id))
         assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1
@@ -206,7 +206,7 @@ async def test_invalid_run_is_refused_before_any_request(
     assert resp.status == 400 and fragment in body["error"], body
     await asyncio.sleep(0.2)
     assert (await wc.emulator.counters()).get("submits", 0) == 0
-    assert await wc.app[keys.ENGINE].store.list_runs() == []
+    assert await wc.app[keys.STORE].list_runs() == []
 
 
 async def test_submit_throttling_is_retried(
@@ -270,7 +270,7 @@ async def test_forged_callbacks_get_401_and_change_nothing(
     assert await post(wc, hook, sent, headers) == 401
     run = await wc.get_run(run_id)
     assert run["stages"][0]["status"] == "submitted"
-    assert await wc.app[keys.ENGINE].store.deliveries(run_id) == []
+    assert await wc.app[keys.STORE].deliveries(run_id) == []
     # The genuine article still works afterwards.
     good = signing.sign(body, secret=TEST_SECRET, webhook_id="msg_ok", timestamp=now)
     assert await post(wc, hook, body, good) == 200
@@ -311,7 +311,7 @@ async def test_cancel_then_late_callback(
             await asyncio.sleep(0.01)
     async with wc.http.post(f"{wc.base_url}/v1/runs/{run_id}/cancel") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
-    store = wc.app[keys.ENGINE].store
+    store = wc.app[keys.STORE]
     async with asyncio.timeout(10):  # the late callback arrives about 0.3 s later
         while not (deliveries := await store.deliveries(run_id)):
             await asyncio.sleep(0.05)

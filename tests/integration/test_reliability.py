@@ -24,7 +24,7 @@ async def test_dropped_deliveries_complete_by_reconciliation(
         assert (await wc.wait(run_id, limit_s=60))["status"] == "succeeded"
     counters = await emulator.counters()
     sweeper = wc.app[keys.SWEEPER]
-    store = wc.app[keys.ENGINE].store
+    store = wc.app[keys.STORE]
     dropped = counters["webhooks_dropped"]
     polls = counters.get("result_polls", 0)
     # A webhook that was sent but came later than the 0.3 s callback timeout (a busy
@@ -75,7 +75,7 @@ async def test_running_task_times_out_at_hard_limit_then_late_callback_is_ignore
     run = await wc.wait(run_id)
     assert run["status"] == "succeeded" and run["stages"][0]["attempt"] == 2
     await asyncio.sleep(1.6)  # attempt 1's task finishes and its webhook arrives
-    effects = [d["effect"] for d in await wc.app[keys.ENGINE].store.deliveries(run_id)]
+    effects = [d["effect"] for d in await wc.app[keys.STORE].deliveries(run_id)]
     assert sorted(effects) == ["applied", "no_effect"]
     assert len({t["webhook"] for t in await emulator.tasks()}) == 2
 
@@ -90,7 +90,7 @@ async def test_webhook_and_sweeper_racing_make_one_transition(
     await asyncio.sleep(0.6)
     assert run["status"] == "succeeded"
     assert (await emulator.counters())["result_polls"] >= 1
-    types = Counter(e["type"] for e in await wc.app[keys.ENGINE].store.outbox(run["id"]))
+    types = Counter(e["type"] for e in await wc.app[keys.STORE].outbox(run["id"]))
     assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1
 
 
@@ -126,7 +126,7 @@ async def test_duplicate_storm_one_transition_per_stage(
         for run_id in ids:
             assert (await wc.wait(run_id))["status"] == "succeeded"
         await asyncio.sleep(0.3)
-        store = wc.app[keys.ENGINE].store
+        store = wc.app[keys.STORE]
         for run_id in ids:
             types = Counter(e["type"] for e in await store.outbox(run_id))
             assert types["stage.succeeded"] == 3 and types["run.succeeded"] == 1

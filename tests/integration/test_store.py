@@ -254,7 +254,8 @@ async def test_rolled_back_work_leaves_no_cached_state(tmp_path: Path) -> None:
     failed is rolled back, and so is what it cached: when another writer (a second
     process on the same file) takes the run to that same version with a different
     state, this store reads that state, not the one it computed and threw away."""
-    from pipelines.state import InvalidTransitionError, TaskFailed
+    from pipelines.errors import InvalidTransitionError
+    from pipelines.state import TaskFailed
 
     url = f"sqlite:///{tmp_path}/s.db"
     one, two = Store(url), Store(url)

@@ -14,14 +14,20 @@ from typing import Any
 import pytest
 import structlog
 
-from service import logging as service_logging
-from service.logging import REDACTED, configure_logging, redact, scrub, timestamp
+from service import logs
+from service.logs import (
+    ACCESS,
+    REDACTED,
+    configure_logging,
+    redact,
+    scrub,
+    timestamp,
+    unconfigure_logging,
+)
 
 
 def _unconfigure() -> None:
-    structlog.reset_defaults()
-    logging.getLogger().handlers.clear()
-    service_logging.access_writer = None
+    unconfigure_logging()
 
 
 def test_secret_looking_keys_are_dropped() -> None:
@@ -116,8 +122,7 @@ def test_access_lines_take_the_same_timestamp_redaction_and_renderer(
     the console alike."""
     configure_logging(json=as_json, level="INFO")
     try:
-        assert service_logging.access_writer is not None
-        service_logging.access_writer({
+        assert ACCESS.write({
             "event": "http.request", "method": "POST", "route": "/webhooks/wavespeed/{token}",
             "status": 200,
             "request_id": "Bearer sk-live-123", "path": "/webhooks/wavespeed/AbCdEfGhIjKlMn",
@@ -148,14 +153,13 @@ async def test_access_lines_on_a_loop_are_written_at_the_end_of_its_turn_in_orde
     order on stderr is the order in which lines were logged."""
     configure_logging(json=True, level="INFO")
     try:
-        assert service_logging.access_writer is not None
         for i in range(3):
-            service_logging.access_writer({**GET, "n": i})
+            assert ACCESS.write({**GET, "n": i})
         held = capsys.readouterr().err
         logging.getLogger("aiohttp.test").warning("stdlib")  # a library's record
-        service_logging.access_writer({**GET, "n": 3})
+        ACCESS.write({**GET, "n": 3})
         structlog.get_logger("wavechain.test").info("between")  # one of ours
-        service_logging.access_writer({**GET, "n": 4})
+        ACCESS.write({**GET, "n": 4})
         await asyncio.sleep(0)  # the end of this turn: the last access line goes out
         await asyncio.sleep(0)
         err = capsys.readouterr().err
@@ -185,7 +189,7 @@ def test_json_lines_are_redacted_as_if_every_value_were_checked(event: dict[str,
     only when the line may hold a secret: the result is the same line as redacting every
     value first, secret or not."""
     expected = json.loads(json.dumps(redact(None, "info", copy.deepcopy(event))))
-    line = service_logging.render_json(None, "info", copy.deepcopy(event))
+    line = logs.render_json(None, "info", copy.deepcopy(event))
     assert json.loads(line) == expected
     for leaked in ("AbCdEfGhIjKlMn", "deadbeef", "Bearer k", "c2VjcmV0", "sk-live-123", "abc123",
                    "pw-9z"):  # fmt: skip
@@ -202,7 +206,7 @@ def test_lines_logged_while_a_request_is_handled_carry_its_id_and_route(
         log = structlog.get_logger("wavechain.test")
 
         def in_request() -> None:
-            service_logging.request_context.set(("req-1", "/v1/runs"))
+            logs.request_context.set(("req-1", "/v1/runs"))
             log.info("inside", request_id_given=False)
 
         contextvars.copy_context().run(in_request)
@@ -212,3 +216,63 @@ def test_lines_logged_while_a_request_is_handled_carry_its_id_and_route(
         _unconfigure()
     assert (lines[0]["request_id"], lines[0]["route"]) == ("req-1", "/v1/runs")
     assert "request_id" not in lines[1] and "route" not in lines[1]
+
+
+class _Url:
+    """A value whose text only appears when rendered (as yarl.URL or an exception)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"URL({self.text!r})"
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+@pytest.mark.parametrize(
+    ("value", "secret"),
+    [
+        (_Url("https://x/webhooks/wavespeed/AbCdEfGhIjKlMnOp"), "AbCdEfGhIjKlMnOp"),
+        (b"POST /webhooks/wavespeed/QrStUvWxYz012345", "QrStUvWxYz012345"),
+        (ValueError("https://b.s3/k?X-Amz-Signature=deadbeefcafe"), "deadbeefcafe"),
+        (
+            "https://api/x?webhook=https%3A%2F%2Fh%2Fwebhooks%2Fwavespeed%2FTokEn9876543210",
+            "TokEn9876543210",
+        ),
+        ("https://api/x?model=m&key=sk-abc123def", "sk-abc123def"),
+        ("https://cdn/x.png?sig=0a1b2c3d4e&exp=1", "0a1b2c3d4e"),
+        ("postgresql://wave:hunter2pass@db:5432/wc", "hunter2pass"),
+        (_Url("postgresql://wave:hunter2pass@db/wc"), "hunter2pass"),
+        ("https%3A%2F%2Fuser%3Ahunter2pass%40h%2Fx", "hunter2pass"),
+    ],
+)
+def test_secrets_rendered_late_or_encoded_are_redacted(
+    value: Any, secret: str, as_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A credential in a value rendered with repr (a URL object, bytes, an exception), in a
+    percent-encoded webhook URL, in key=/sig= parameters, or as user:password@ in a URL
+    never reaches the line, in JSON or on the console."""
+    configure_logging(json=as_json, level="INFO")
+    try:
+        structlog.get_logger("wavechain.test").info("x", value=value)
+        err = capsys.readouterr().err
+    finally:
+        _unconfigure()
+    assert secret not in err
+    assert REDACTED in err
+    if as_json:
+        json.loads(err)  # still one valid JSON line
+
+
+def test_console_key_fields_are_not_mistaken_for_query_parameters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A field named key (an S3 key) is printed on the console: only URL query parameters
+    called key= are credentials."""
+    configure_logging(json=False, level="INFO")
+    try:
+        structlog.get_logger("wavechain.test").info("output.mirrored", key="runs/r/a/0.png")
+        err = capsys.readouterr().err
+    finally:
+        _unconfigure()
+    assert "runs/r/a/0.png" in err

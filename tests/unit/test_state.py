@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import spec as specs
+from pipelines.errors import InvalidTransitionError
 from pipelines.state import (
     CancelRequested,
     Decision,
     Emit,
     Event,
-    InvalidTransitionError,
     Mirror,
     Mirrored,
     MirrorFailed,

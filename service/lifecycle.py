@@ -1,0 +1,214 @@
+"""One cleanup context per resource, in the order ``create_app`` starts them.
+
+Each context builds its resource before ``yield`` and releases it after; aiohttp runs
+the teardown of exactly those whose startup finished, in reverse order. Background
+loops start a task before ``yield`` and cancel it after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.to_thread
+import structlog
+from aiohttp import web
+
+from pipelines.engine import Engine, EngineConfig
+from pipelines.errors import ConfigError, ProviderError
+from pipelines.events import OutboxRelay, SnsPublisher
+from pipelines.mirror import MirrorConfig, S3Mirror
+from pipelines.providers import AimlClient, WaveSpeedClient
+from pipelines.secrets import Secret
+from pipelines.store import Store
+from pipelines.sweeper import Sweeper, SweeperConfig
+from service import keys
+from service.aws import AwsClients, make_clients
+from service.settings import Settings
+
+log = structlog.get_logger("wavechain.app")
+
+
+async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=100, limit_per_host=50)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        app[keys.HTTP] = session
+        yield
+
+
+async def aws_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Built in a thread: boto3 reads config files and may look up credentials.
+    settings = app[keys.SETTINGS]
+    app[keys.AWS] = await anyio.to_thread.run_sync(make_clients, settings)
+    app[keys.AWS_LIMITER] = anyio.CapacityLimiter(settings.aws_concurrency)
+    yield
+
+
+async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The provider clients, and a line saying which providers are live, emulated or off."""
+    access = app[keys.SETTINGS].provider_access()
+    if all(a.mode == "off" for a in access.values()):
+        raise ConfigError(
+            "no provider is configured: set WAVESPEED_API_KEY (and AIMLAPI_KEY for Hunyuan "
+            "Image 3), or point WAVESPEED_BASE_URL and AIMLAPI_BASE_URL at a local emulator "
+            "(wavechain emulator)"
+        )
+    app[keys.WAVESPEED] = WaveSpeedClient(app[keys.HTTP], access["wavespeed"])
+    app[keys.AIML] = AimlClient(app[keys.HTTP], access["aimlapi"])
+    log.info(
+        "service.providers",
+        **{name: a.mode for name, a in access.items()},
+        **{f"{name}_base_url": a.base_url for name, a in access.items()},
+    )
+    yield
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    store = Store(
+        settings.database_url,
+        callback_timeout_s=settings.callback_timeout_s,
+        hard_timeout_factor=settings.hard_timeout_factor,
+    )
+    await store.start()
+    app[keys.STORE] = store
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+def build_engine(
+    settings: Settings,
+    store: Store,
+    *,
+    wavespeed: WaveSpeedClient,
+    aiml: AimlClient,
+    http: aiohttp.ClientSession,
+    aws: AwsClients,
+    aws_limiter: anyio.CapacityLimiter,
+    clock: Callable[[], float],
+) -> Engine:
+    """The engine as configured: its workers' settings and, with a bucket, the S3 mirror."""
+    config = EngineConfig(
+        public_base_url=settings.base_url,
+        workers=settings.workers,
+        job_lease_s=settings.job_lease_s,
+        poll_interval_s=settings.poll_interval_s,
+        downstream_urls="provider" if settings.downstream_urls == "provider" else "mirrored",
+        presign_ttl_s=settings.presign_ttl_s,
+        submit_backoff_s=settings.submit_backoff_s,
+    )
+    mirror = None
+    if settings.s3_bucket:
+        mirror_config = MirrorConfig(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            allowed_hosts=settings.allowed_hosts(),
+            max_bytes=settings.mirror_max_bytes,
+        )
+        mirror = S3Mirror(aws.s3, http, mirror_config, limiter=aws_limiter)
+    return Engine(store, config, wavespeed=wavespeed, aiml=aiml, mirror=mirror, clock=clock)
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = build_engine(
+        app[keys.SETTINGS],
+        app[keys.STORE],
+        wavespeed=app[keys.WAVESPEED],
+        aiml=app[keys.AIML],
+        http=app[keys.HTTP],
+        aws=app[keys.AWS],
+        aws_limiter=app[keys.AWS_LIMITER],
+        clock=app[keys.CLOCK],
+    )
+    app[keys.STORE].listen(jobs=engine.notify)
+    app[keys.ENGINE] = engine
+    yield
+
+
+async def webhook_secrets_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The configured secrets; else, unless WaveSpeed is off, the provider's own."""
+    settings, wavespeed = app[keys.SETTINGS], app[keys.WAVESPEED]
+    secrets: tuple[Secret, ...] = settings.webhook_secrets
+    if not secrets and wavespeed.access.mode != "off":
+        secrets = (await _fetch_secret(wavespeed),)
+    if not secrets:
+        log.warning("webhooks.no_secret", reason="WaveSpeed is off: every callback is refused")
+    app[keys.WEBHOOK_SECRETS] = keys.WebhookSecrets(secrets)
+    yield
+
+
+async def _fetch_secret(client: WaveSpeedClient) -> Secret:
+    try:
+        return await client.webhook_secret()
+    except (ProviderError, aiohttp.ClientError, TimeoutError) as exc:
+        raise ConfigError(
+            "WAVESPEED_WEBHOOK_SECRETS is not set and the secret could not be fetched from "
+            f"the provider: {exc}"
+        ) from exc
+
+
+@contextlib.asynccontextmanager
+async def _running(name: str, loop: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """A background loop, started on entry, cancelled and awaited on exit."""
+    task = asyncio.create_task(loop, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    if not settings.sns_topic_arn:  # events stay in the outbox until a topic is configured
+        yield
+        return
+    publisher = SnsPublisher(
+        app[keys.AWS].sns, settings.sns_topic_arn, limiter=app[keys.AWS_LIMITER]
+    )
+    relay = OutboxRelay(app[keys.STORE], publisher, clock=app[keys.CLOCK])
+    app[keys.STORE].listen(events=relay.notify)
+    app[keys.RELAY] = relay
+    async with _running("outbox-relay", relay.run()):
+        yield
+
+
+async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    config = SweeperConfig(
+        interval_s=settings.reconcile_interval_s,
+        extend_s=max(1.0, settings.callback_timeout_s / 4),
+        claim_s=max(5.0, settings.reconcile_interval_s * 2),
+    )
+    sweeper = Sweeper(app[keys.STORE], app[keys.WAVESPEED], config, clock=app[keys.CLOCK])
+    app[keys.SWEEPER] = sweeper
+    async with _running("sweeper", sweeper.run()):
+        yield
+
+
+async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, engine, health = app[keys.SETTINGS], app[keys.ENGINE], app[keys.HEALTH]
+    task = asyncio.create_task(engine.run_workers(), name="workers")
+    health.ready = True
+    log.info("service.ready", base_url=settings.base_url, workers=settings.workers)
+    yield
+    health.ready = False
+    # Graceful: no new jobs; running ones get the grace period, then are cancelled.
+    # A cancelled job keeps its lease row and is taken again after a restart.
+    finished = await engine.stop(settings.shutdown_grace_s)
+    log.info("workers.stopped", drained=finished)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def not_ready(app: web.Application) -> None:
+    """On shutdown: readiness turns false at once."""
+    app[keys.HEALTH].ready = False

@@ -1,0 +1,35 @@
+"""The README points and stays short; every link in the docs leads to a file we ship."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+DOCS = ["README.md", "docs/benchmarks.md", "infra/README.md"]
+
+
+def test_readme_is_short_and_has_the_sections_a_newcomer_needs() -> None:
+    """Under 15,000 characters, leading with the two commands, with a map of the code
+    and a development guide; the benchmark history lives elsewhere."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text) < 15_000
+    assert text.index("make demo") < text.index("make test") < 400
+    for section in ("## Architecture", "## Development", "## Configuration", "## Benchmarks"):
+        assert section in text
+    assert "docs/benchmarks.md" in text and "tests/bench/RESULTS.md" in text
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_links_stay_inside_the_repository_and_resolve(doc: str) -> None:
+    """A relative link names a file in this repository; none reaches outside it."""
+    path = ROOT / doc
+    for target in LINK.findall(path.read_text(encoding="utf-8")):
+        if target.startswith(("http://", "https://", "#")):
+            continue
+        resolved = (path.parent / target.split("#")[0]).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc} links outside the repository: {target}"
+        assert resolved.exists(), f"{doc} links to a missing file: {target}"
