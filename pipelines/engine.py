@@ -76,6 +76,7 @@ class Engine:
         mirror: S3Mirror | None = None,
         clock: Callable[[], float] = time.time,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32),
+        on_iteration: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -89,6 +90,13 @@ class Engine:
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._running: set[asyncio.Task[None]] = set()
+        self._on_iteration = on_iteration or (lambda error: None)
+
+    @property
+    def stopping(self) -> bool:
+        """Draining: no new jobs are claimed."""
+        return self._stopping
 
     def notify(self) -> None:
         """New jobs may be due (called by the store after a commit that added some)."""
@@ -163,42 +171,73 @@ class Engine:
     # workers --------------------------------------------------------------------------
 
     async def run_workers(self) -> None:
-        """Claim and carry out jobs until cancelled."""
-        async with asyncio.TaskGroup() as group:
-            while not self._stopping:
-                self._wake.clear()
-                free = self.config.workers - self._busy
-                jobs: list[Job] = []
-                if free > 0:
+        """Claim and carry out jobs until ``stop`` (or cancelled).
+
+        A failed claim (the database locked or down) is logged and retried after a
+        backoff; the loop never ends on an error, and reports each iteration to the
+        health checks, so readiness shows a store that cannot be reached.
+        """
+        failures = 0
+        while not self._stopping:
+            self._wake.clear()
+            free = self.config.workers - self._busy
+            jobs: list[Job] = []
+            if free > 0:
+                try:
                     jobs = await self.store.claim_jobs(
                         now=self._clock(), limit=free, lease_s=self.config.job_lease_s
                     )
-                for job in jobs:
-                    self._busy += 1
-                    self._idle.clear()
-                    group.create_task(self._handle(job))
-                if free > 0 and len(jobs) == free:
+                except Exception as exc:
+                    failures += 1
+                    delay = backoff_s(failures, base=0.1, cap=5.0)
+                    log.warning("workers.claim_failed", error=repr(exc), retry_in_s=delay)
+                    self._on_iteration(exc)
+                    await self._sleep(delay)
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+                failures = 0
+            self._on_iteration(None)
+            for job in jobs:
+                self._busy += 1
+                self._idle.clear()
+                task = asyncio.create_task(self._handle(job), name=f"job-{job.id}")
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            if free > 0 and len(jobs) == free:
+                continue
+            await self._sleep(self.config.poll_interval_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def stop(self, grace_s: float) -> bool:
-        """Take no new jobs; wait up to ``grace_s`` for running ones. True if all finished."""
+        """Take no new jobs; wait up to ``grace_s`` for running ones, then cancel what is
+        left (its lease expires and another process takes it). True if all finished."""
         self._stopping = True
         self._wake.set()
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except TimeoutError:
+            for task in list(self._running):
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
             return False
         return True
 
     async def _heartbeat(self, job: Job) -> None:
-        """Keep the lease while the job runs, so a short lease still covers a long job."""
+        """Keep the lease while the job runs, so a short lease still covers a long job.
+        A failed renewal is logged; if the lease then lapses, the job may be taken again,
+        which every job kind is safe against (a submit is never re-sent blindly)."""
         while True:
             await asyncio.sleep(self.config.job_lease_s / 3)
-            await self.store.renew_lease(job, until=self._clock() + self.config.job_lease_s)
+            try:
+                await self.store.renew_lease(job, until=self._clock() + self.config.job_lease_s)
+            except Exception as exc:
+                log.warning("job.lease_renewal_failed", error=repr(exc))
 
     async def _handle(self, job: Job) -> None:
+        """Carry out one job. Never raises: whatever goes wrong, the job is released with a
+        backoff, or, if even that fails, its lease expires and it is taken again."""
         heartbeat = asyncio.create_task(self._heartbeat(job))
         with structlog.contextvars.bound_contextvars(
             run_id=job.run_id, stage=job.stage, attempt=job.attempt, job=job.kind
@@ -212,10 +251,12 @@ class Engine:
                     log.error("job.unknown_kind")
                     await self.store.drop_job(job)
             except Exception as exc:
-                # An unexpected error: the lease is released with backoff, never lost.
                 log.exception("job.crashed")
-                delay = self._backoff(job.tries)
-                await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
+                try:
+                    delay = self._backoff(job.tries)
+                    await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
+                except Exception as again:
+                    log.warning("job.release_failed", error=repr(again))
             finally:
                 heartbeat.cancel()
                 self._busy -= 1
@@ -234,8 +275,8 @@ class Engine:
             # An earlier try may have reached the provider and created (and charged) a
             # task. Never send again blindly: the signed callback on that attempt's token,
             # or reconciliation, settles it.
-            await self.store.set_attempt_state(job, "unknown", drop_job=True, now=self._clock())
-            log.warning("stage.submit_outcome_unknown")
+            await self.store.attempt_unknown(job, now=self._clock())
+            log.warning("stage.submit_outcome_unknown", reason="an earlier try may have reached it")
             return
         spec = ctx.pipeline.stages[job.stage]
         model = get_model(spec.model)
@@ -249,7 +290,7 @@ class Engine:
             await self._reject(job, str(exc))
             return
         token = self._new_token()
-        await self.store.record_attempt(job, token, now=self._clock())
+        await self.store.record_attempt(job, token, provider=model.provider, now=self._clock())
         try:
             if model.provider == "aimlapi":
                 await self._submit_aiml(job, token, model.id, body)
@@ -273,7 +314,9 @@ class Engine:
                     since_due_ms=None if since_due is None else round(since_due * 1000, 3),
                 )
         except SubmitOutcomeUnknownError as exc:
-            await self.store.set_attempt_state(job, "unknown", drop_job=True, now=self._clock())
+            # A task may exist and be charged: keep the attempt and its token; the signed
+            # callback, or reconciliation, settles it.
+            await self.store.attempt_unknown(job, now=self._clock())
             log.warning("stage.submit_outcome_unknown", error=str(exc))
         except ProviderError as exc:
             if exc.retryable and job.tries < self.config.max_submit_tries:
@@ -284,7 +327,7 @@ class Engine:
                 await self.store.retry_job(job, at=self._clock() + delay, error=str(exc))
                 log.warning("stage.submit_retrying", error=str(exc), delay_s=delay)
                 return
-            await self.store.set_attempt_state(job, "rejected", drop_job=False)
+            await self.store.attempt_rejected(job)
             await self._reject(job, str(exc))
 
     async def _submit_aiml(self, job: Job, token: str, model: str, body: dict[str, Any]) -> None:

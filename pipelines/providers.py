@@ -2,9 +2,11 @@
 
 Failures are classified for the engine:
 - ``ProviderError(retryable=False)``: the provider refused the request (4xx); permanent.
-- ``ProviderError(retryable=True)``: 429, 5xx, or the request never left (connect error).
-- ``SubmitOutcomeUnknownError``: the request may have reached the provider but no answer
-  came back (timeout, reset). A task may exist and be charged: never re-sent blindly.
+- ``ProviderError(retryable=True)``: throttled (429), or the request never left (no
+  connection): nothing was created, so asking again is safe.
+- ``SubmitOutcomeUnknownError``: a submit whose answer does not prove either way (a
+  timeout, a reset, a 5xx, a 200 that cannot be read). A task may exist and be charged:
+  never re-sent blindly. Reads (results, the secret) treat 5xx as retryable.
 
 Which providers a process may use is decided once, at start (``ProviderAccess``): a
 provider with a key is live; one without a key is the emulator if its base URL is on
@@ -127,6 +129,23 @@ def _key(access: ProviderAccess) -> Secret:
     return access.key
 
 
+def _created(payload: Any) -> Prediction:
+    """The task a 200 to a submit created. A 200 means a task exists (and is charged): if
+    the answer cannot be read in full, its id is enough; without an id, the outcome is
+    unknown (the callback on the attempt's token will name the task)."""
+    data = payload.get("data") if isinstance(payload, Mapping) else None
+    try:
+        return parse_prediction(data)
+    except ValueError as exc:
+        task_id = data.get("id") if isinstance(data, Mapping) else None
+        if isinstance(task_id, str) and 0 < len(task_id) <= 200:
+            return Prediction(task_id, "created", (), "")
+        raise SubmitOutcomeUnknownError(
+            f"WaveSpeed submit: HTTP 200 with an unreadable answer ({exc}); a task exists",
+            status=200,
+        ) from exc
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     if value is None:
@@ -166,12 +185,24 @@ class WaveSpeedClient:
         return {"Authorization": f"Bearer {key.reveal()}", "X-Client-Name": "wavechain"}
 
     async def submit(self, model: str, body: Mapping[str, Any], *, webhook: str) -> Prediction:
+        """Create a task. Only an answer that proves no task was created is retryable
+        (429, no connection); one that leaves it open (a timeout, a 5xx, a 200 whose body
+        cannot be read) is ``SubmitOutcomeUnknownError``: never re-sent blindly."""
         url = f"{self._base}/api/v3/{model}?webhook={quote(webhook, safe='')}"
         try:
             async with self._session.post(
                 url, json=dict(body), headers=self._headers(), timeout=self._timeout
             ) as resp:
                 payload = await _read_json(resp)
+                status = resp.status
+                if status >= 500:
+                    raise SubmitOutcomeUnknownError(
+                        f"WaveSpeed submit: HTTP {status}: "
+                        f"{_message(payload, resp.reason or '')}; the task may exist",
+                        status=status,
+                    )
+                if status == 200:
+                    return _created(payload)
                 return self._envelope(resp, payload, "submit")
         except aiohttp.ClientConnectorError as exc:
             raise ProviderError(
@@ -201,7 +232,7 @@ class WaveSpeedClient:
         data = body.get("data")
         secret = data.get("secret") if isinstance(data, Mapping) else None
         secret = secret or body.get("secret")
-        if not isinstance(secret, str) or not secret:
+        if not isinstance(secret, str) or not secret.removeprefix("whsec_"):
             raise ProviderError("webhook secret: no secret in the answer", retryable=False)
         return Secret(secret)
 
@@ -259,16 +290,20 @@ class AimlClient:
             raise SubmitOutcomeUnknownError(
                 f"no answer from AI/ML API: {type(exc).__name__}"
             ) from exc
+        if status >= 500:  # the images may have been made and charged
+            raise SubmitOutcomeUnknownError(
+                f"AI/ML API: HTTP {status}: {_message(payload, 'error')}", status=status
+            )
         if status != 200:
             raise ProviderError(
                 f"AI/ML API: HTTP {status}: {_message(payload, 'error')}",
-                retryable=status == 429 or status >= 500,
+                retryable=status == 429,
                 status=status,
                 retry_after=retry_after,
             )
         items = payload.get("data") if isinstance(payload, Mapping) else None
         if not isinstance(items, list) or not items:
-            raise ProviderError("AI/ML API: answer has no images", retryable=True)
+            raise SubmitOutcomeUnknownError("AI/ML API: HTTP 200 with no images", status=200)
         outputs = []
         for item in items:
             url_value = item.get("url") if isinstance(item, Mapping) else None

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from pipelines.catalog import ModelSpec, ParamSpec, check_value, get_model
-from pipelines.errors import SpecError
+from pipelines.errors import PipelineTooLargeError, SpecError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _REF = re.compile(r"\$\{([^}]*)\}")
@@ -60,34 +60,92 @@ class StageSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """How big a pipeline may be: parsing and the state machine stay fast and bounded."""
+
+    max_stages: int = 100
+    #: Bytes of an inline spec as JSON (a request body's ``pipeline``).
+    max_spec_bytes: int = 256 * 1024
+    #: Nesting of objects and lists in a spec or a request body.
+    max_depth: int = 32
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
 class Pipeline:
     name: str
     stages: Mapping[str, StageSpec]
     inputs: Mapping[str, InputDecl]
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: A topological order (each level's stages sorted by name), and each stage's direct
+    #: dependents: computed once, in linear time, when the spec is parsed.
+    topological: tuple[str, ...] = field(default=(), compare=False)
+    dependents: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
-    def order(self) -> list[str]:
+    def order(self) -> tuple[str, ...]:
         """Stages in a topological order (validated acyclic)."""
-        done: list[str] = []
-        pending = dict(self.stages)
-        while pending:
-            ready = [n for n, s in pending.items() if all(d in done for d in s.needs)]
-            done.extend(sorted(ready))
-            for name in ready:
-                del pending[name]
-        return done
+        return self.topological or _topological(self.stages)[0]
 
     def downstream(self, stage: str) -> set[str]:
+        """Every stage that depends on ``stage``, directly or not."""
+        children = self.dependents or _dependents(self.stages)
         found: set[str] = set()
         frontier = [stage]
         while frontier:
-            current = frontier.pop()
-            for name, spec in self.stages.items():
-                if current in spec.needs and name not in found:
+            for name in children.get(frontier.pop(), ()):
+                if name not in found:
                     found.add(name)
                     frontier.append(name)
         return found
+
+
+def _dependents(stages: Mapping[str, StageSpec]) -> dict[str, tuple[str, ...]]:
+    children: dict[str, list[str]] = {name: [] for name in stages}
+    for name, stage in stages.items():
+        for need in stage.needs:
+            if need in children:
+                children[need].append(name)
+    return {name: tuple(sorted(c)) for name, c in children.items()}
+
+
+def _topological(stages: Mapping[str, StageSpec]) -> tuple[tuple[str, ...], list[str]]:
+    """(an order of the stages, level by level, each level sorted; the stages left over,
+    which sit on or behind a cycle). Kahn's algorithm: linear in stages and needs."""
+    children = _dependents(stages)
+    waiting = {name: sum(n in stages for n in s.needs) for name, s in stages.items()}
+    level = sorted(name for name, count in waiting.items() if count == 0)
+    order: list[str] = []
+    while level:
+        order.extend(level)
+        following: list[str] = []
+        for name in level:
+            for child in children[name]:
+                waiting[child] -= 1
+                if waiting[child] == 0:
+                    following.append(child)
+        level = sorted(following)
+    placed = set(order)
+    return tuple(order), sorted(n for n in stages if n not in placed)
+
+
+def depth(value: Any, limit: int) -> int:
+    """How deeply ``value`` nests lists and mappings, counted up to ``limit + 1`` (no
+    recursion: a hostile body cannot exhaust the stack)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if not isinstance(item, Mapping | list | tuple):
+            continue
+        deepest = max(deepest, level)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, Mapping) else item
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class _Problems:
@@ -113,21 +171,35 @@ def load_file(path: str | Path) -> Pipeline:
     return parse_text(text, where=str(path), default_name=path.stem)
 
 
-def parse_text(text: str, *, where: str, default_name: str = "pipeline") -> Pipeline:
+def parse_text(
+    text: str, *, where: str, default_name: str = "pipeline", limits: Limits = DEFAULT_LIMITS
+) -> Pipeline:
     try:
         doc = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"{where}: nested more than {limits.max_depth} levels deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{where}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
-    return parse(doc, where=where, default_name=default_name)
+    return parse(doc, where=where, default_name=default_name, limits=limits)
 
 
-def parse(doc: Any, *, where: str, default_name: str = "pipeline") -> Pipeline:
+def parse(
+    doc: Any, *, where: str, default_name: str = "pipeline", limits: Limits = DEFAULT_LIMITS
+) -> Pipeline:
     """Validate a decoded spec completely, collecting every problem before raising."""
     problems = _Problems(where)
     if not isinstance(doc, Mapping):
         raise SpecError(f"{where}: a pipeline must be a mapping with 'stages'")
+    if depth(doc, limits.max_depth) > limits.max_depth:
+        raise SpecError(f"{where}: nested more than {limits.max_depth} levels deep")
+    raw_stages = doc.get("stages")
+    if isinstance(raw_stages, Mapping) and len(raw_stages) > limits.max_stages:
+        raise PipelineTooLargeError(
+            f"{where}: stages: {len(raw_stages)} stages, over the limit of {limits.max_stages} "
+            "(MAX_PIPELINE_STAGES)"
+        )
     for key in doc:
         if key not in ("name", "description", "inputs", "stages"):
             problems.add(None, str(key), "unknown key (expected name, description, inputs, stages)")
@@ -136,7 +208,6 @@ def parse(doc: Any, *, where: str, default_name: str = "pipeline") -> Pipeline:
         problems.add(None, "name", "must be a short identifier")
         name = default_name
     inputs = _parse_inputs(doc.get("inputs") or {}, problems)
-    raw_stages = doc.get("stages")
     if not isinstance(raw_stages, Mapping) or not raw_stages:
         problems.add(None, "stages", "must be a non-empty mapping of stage name to stage")
         problems.raise_if_any()
@@ -146,7 +217,9 @@ def parse(doc: Any, *, where: str, default_name: str = "pipeline") -> Pipeline:
         stage = _parse_stage(str(stage_name), raw, inputs, raw_stages, problems)
         if stage is not None:
             stages[stage.name] = stage
-    _check_cycles(stages, problems)
+    order, cyclic = _topological(stages)
+    if cyclic:
+        _report_cycle(stages, cyclic, problems)
     problems.raise_if_any()
     return Pipeline(
         name=name,
@@ -154,6 +227,8 @@ def parse(doc: Any, *, where: str, default_name: str = "pipeline") -> Pipeline:
         inputs=inputs,
         description=str(doc.get("description", "")),
         source=dict(doc),
+        topological=order,
+        dependents=_dependents(stages),
     )
 
 
@@ -389,29 +464,23 @@ def _parse_timeout(raw: Any, stage: str, problems: _Problems) -> float | None:
     return float(raw)
 
 
-def _check_cycles(stages: Mapping[str, StageSpec], problems: _Problems) -> None:
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-    path: list[str] = []
-
-    def visit(name: str) -> bool:
-        state[name] = 1
-        path.append(name)
-        for need in stages[name].needs:
-            if need not in stages:
-                continue
-            if state.get(need) == 1:
-                cycle = [*path[path.index(need) :], need]
-                problems.add(name, "needs", f"cycle: {' -> '.join(cycle)}")
-                return True
-            if state.get(need) is None and visit(need):
-                return True
-        path.pop()
-        state[name] = 2
-        return False
-
-    for name in sorted(stages):
-        if state.get(name) is None and visit(name):
+def _report_cycle(
+    stages: Mapping[str, StageSpec], cyclic: Sequence[str], problems: _Problems
+) -> None:
+    """Name one cycle among the stages Kahn's algorithm could not place: walk needs from
+    the first of them (each has an unplaced need) until a stage repeats."""
+    left = set(cyclic)
+    path: list[str] = [cyclic[0]]
+    seen = {cyclic[0]: 0}
+    while True:
+        current = path[-1]
+        need = next(n for n in stages[current].needs if n in left)
+        if need in seen:
+            cycle = [*path[seen[need] :], need]
+            problems.add(cycle[0], "needs", f"cycle: {' -> '.join(cycle)}")
             return
+        seen[need] = len(path)
+        path.append(need)
 
 
 # Run-time ----------------------------------------------------------------------------

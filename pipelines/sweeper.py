@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from pipelines.backoff import backoff_s
 from pipelines.engine import result_event
 from pipelines.errors import ProviderError
 from pipelines.providers import WaveSpeedClient
@@ -33,6 +35,8 @@ class SweeperConfig:
     #: How long a claimed stage is hidden from other sweepers while it is asked about.
     claim_s: float = 30.0
     batch: int = 50
+    #: One sweeper at a time across processes and replicas holds this lease.
+    lease_s: float = 15.0
 
 
 class Sweeper:
@@ -43,21 +47,37 @@ class Sweeper:
         config: SweeperConfig,
         *,
         clock: Callable[[], float] = time.time,
+        on_iteration: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self._store = store
         self._wavespeed = wavespeed
         self.config = config
         self._clock = clock
+        self._holder = f"sweeper-{uuid.uuid4().hex[:12]}"
+        self._on_iteration = on_iteration or (lambda error: None)
         self.polls = 0
         self.applied = 0
 
     async def run(self) -> None:
+        """Sweep every ``interval_s`` while holding the sweeper lease; a failed round is
+        logged and retried after a backoff, never the end of the loop."""
+        failures = 0
         while True:
             try:
-                await self.sweep_once()
-            except Exception:  # the store or provider hiccuped: log, and try next round
+                held = await self._store.hold_lease(
+                    "sweeper", self._holder, now=self._clock(), ttl_s=self.config.lease_s
+                )
+                if held:
+                    await self.sweep_once()
+                failures = 0
+                self._on_iteration(None)
+                delay = self.config.interval_s
+            except Exception as exc:  # the store or provider hiccuped: log, back off, go on
+                failures += 1
                 log.exception("reconcile.sweep_failed")
-            await asyncio.sleep(self.config.interval_s)
+                self._on_iteration(exc)
+                delay = max(self.config.interval_s, backoff_s(failures, base=1.0, cap=30.0))
+            await asyncio.sleep(delay)
 
     async def sweep_once(self) -> int:
         due = await self._store.claim_due_stages(
@@ -71,8 +91,9 @@ class Sweeper:
             run_id=due.run_id, stage=due.stage, attempt=due.attempt, task_id=due.task_id
         ):
             now = self._clock()
-            if due.task_id is None or due.task_id.startswith("aiml_"):
-                # Nothing to ask the provider about: the lost submit's callback never came.
+            if due.task_id is None or due.provider != "wavespeed":
+                # Nothing to ask a provider about (a lost submit answer with no task id,
+                # or a synchronous provider): the callback never came.
                 if now >= due.hard_deadline:
                     await self._time_out(due, "no callback and no task id (submit answer lost)")
                 return
@@ -90,9 +111,8 @@ class Sweeper:
                     await self._time_out(due, f"timed out: task still {prediction.status}")
                     return
                 await self._store.apply(due.run_id, event, now=now)
-                await self._store.extend_deadline(
-                    due.run_id, due.stage, due.attempt, now + self.config.extend_s
-                )
+                at = min(now + self.config.extend_s, due.hard_deadline)
+                await self._store.extend_deadline(due.run_id, due.stage, due.attempt, at)
                 log.info("reconcile.still_running", task_status=prediction.status)
                 return
             decision = await self._store.apply(due.run_id, event, now=now)

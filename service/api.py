@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from importlib import resources
 from typing import Any
 
@@ -10,8 +11,9 @@ import anyio.to_thread
 from aiohttp import web
 
 from pipelines import spec as specs
-from pipelines.errors import SpecError
+from pipelines.errors import PipelineTooLargeError, SpecError
 from service import keys
+from service.bodies import read_capped
 
 
 @functools.cache
@@ -38,12 +40,23 @@ async def load_example(name: str) -> specs.Pipeline:
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, within the size and nesting limits."""
+    limits = request.app[keys.SETTINGS].limits
+    raw = await read_capped(request, limits.max_spec_bytes)
+    if raw is None:
+        raise PipelineTooLargeError(
+            f"request body larger than {limits.max_spec_bytes} bytes (MAX_SPEC_BYTES)"
+        )
     try:
-        body = await request.json()
+        body = json.loads(raw or b"null")
+    except RecursionError:
+        raise SpecError(f"request body nested more than {limits.max_depth} levels deep") from None
     except ValueError:
         raise SpecError("request body must be JSON") from None
     if not isinstance(body, dict):
         raise SpecError("request body must be a JSON object")
+    if specs.depth(body, limits.max_depth + 1) > limits.max_depth + 1:
+        raise SpecError(f"request body nested more than {limits.max_depth} levels deep")
     return body
 
 
@@ -56,7 +69,8 @@ async def create_run(request: web.Request) -> web.Response:
     if isinstance(raw, str):
         pipeline = await load_example(raw)
     elif isinstance(raw, dict):
-        pipeline = specs.parse(raw, where="inline pipeline")
+        limits = request.app[keys.SETTINGS].limits
+        pipeline = specs.parse(raw, where="inline pipeline", limits=limits)
     else:
         raise SpecError("pipeline: must be an example's name or an inline spec object")
     inputs = body.get("inputs") or {}
@@ -69,14 +83,26 @@ async def create_run(request: web.Request) -> web.Response:
     return web.json_response(view.as_json(), status=201)
 
 
+#: The most runs one page holds.
+MAX_PAGE = 200
+
+
 async def list_runs(request: web.Request) -> web.Response:
+    """Newest first, a page at a time: ``next_cursor`` (null on the last page) is passed
+    back as ``cursor`` for the next."""
     status = request.query.get("status")
     try:
-        limit = max(1, min(int(request.query.get("limit", "50")), 500))
+        limit = int(request.query.get("limit", "50"))
     except ValueError:
         raise SpecError("limit: must be an integer") from None
-    runs = await request.app[keys.STORE].list_runs(limit=limit, status=status)
-    return web.json_response({"runs": [r.as_json() for r in runs]})
+    if not 1 <= limit <= MAX_PAGE:
+        raise SpecError(f"limit: must be in range 1..{MAX_PAGE}, got {limit}")
+    page = await request.app[keys.STORE].list_runs(
+        limit=limit, status=status, cursor=request.query.get("cursor") or None
+    )
+    return web.json_response(
+        {"runs": [r.as_json() for r in page.runs], "next_cursor": page.next_cursor}
+    )
 
 
 async def _run_json(request: web.Request) -> dict[str, Any]:
@@ -117,9 +143,16 @@ async def list_pipelines(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    """Liveness: red once a loop has been failing (or silent) past LIVENESS_FAILURE_S."""
+    loops = request.app[keys.LOOPS].status()
+    body = {"ok": loops.live, "loops": loops.problems}
+    return web.json_response(body, status=200 if loops.live else 503)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = request.app[keys.HEALTH].ready
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    """Readiness: serving, not draining, and every loop's last iteration went well."""
+    loops = request.app[keys.LOOPS].status()
+    ready = request.app[keys.HEALTH].ready and loops.ready
+    return web.json_response(
+        {"ready": ready, "loops": loops.problems}, status=200 if ready else 503
+    )

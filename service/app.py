@@ -8,6 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from pipelines.health import Loops
 from service import keys, lifecycle
 from service.middlewares import context_and_errors, require_token
 from service.routes import setup_routes
@@ -22,6 +23,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app[keys.SETTINGS] = settings
     app[keys.CLOCK] = clock
     app[keys.HEALTH] = keys.Health()
+    app[keys.LOOPS] = Loops(dead_after_s=settings.liveness_failure_s)
     app.cleanup_ctx.extend(
         [
             lifecycle.http_ctx,
@@ -32,6 +34,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             lifecycle.webhook_secrets_ctx,
             lifecycle.relay_ctx,
             lifecycle.sweeper_ctx,
+            lifecycle.retention_ctx,
             lifecycle.workers_ctx,
         ]
     )

@@ -12,6 +12,7 @@ from anyio import CapacityLimiter
 
 from pipelines.engine import Engine
 from pipelines.events import OutboxRelay
+from pipelines.health import Loops
 from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
 from pipelines.store import Store
@@ -40,6 +41,7 @@ class WebhookSecrets:
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 HEALTH = web.AppKey("health", Health)
+LOOPS = web.AppKey("loops", Loops)
 WEBHOOK_SECRETS = web.AppKey("webhook_secrets", WebhookSecrets)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 AWS = web.AppKey("aws", AwsClients)

@@ -21,11 +21,13 @@ from aiohttp import web
 from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ConfigError, ProviderError
 from pipelines.events import OutboxRelay, SnsPublisher
+from pipelines.loops import run_every
 from pipelines.mirror import MirrorConfig, S3Mirror
 from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
-from pipelines.store import Store
+from pipelines.store import Store, StoreConfig, open_store, parse_database_url
 from pipelines.sweeper import Sweeper, SweeperConfig
+from pipelines.transitions import Deadlines
 from service import keys
 from service.aws import AwsClients, make_clients
 from service.settings import Settings
@@ -69,12 +71,14 @@ async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    store = Store(
-        settings.database_url,
-        callback_timeout_s=settings.callback_timeout_s,
-        hard_timeout_factor=settings.hard_timeout_factor,
+    config = StoreConfig(
+        deadlines=Deadlines(settings.callback_timeout_s, settings.hard_timeout_factor),
+        # The provider client's own timeout (30 s), and a margin.
+        submit_timeout_s=60.0,
     )
+    store = open_store(settings.database_url, config)
     await store.start()
+    log.info("store.opened", database=parse_database_url(settings.database_url).redacted())
     app[keys.STORE] = store
     try:
         yield
@@ -92,6 +96,7 @@ def build_engine(
     aws: AwsClients,
     aws_limiter: anyio.CapacityLimiter,
     clock: Callable[[], float],
+    on_iteration: Callable[[BaseException | None], None] | None = None,
 ) -> Engine:
     """The engine as configured: its workers' settings and, with a bucket, the S3 mirror."""
     config = EngineConfig(
@@ -112,7 +117,15 @@ def build_engine(
             max_bytes=settings.mirror_max_bytes,
         )
         mirror = S3Mirror(aws.s3, http, mirror_config, limiter=aws_limiter)
-    return Engine(store, config, wavespeed=wavespeed, aiml=aiml, mirror=mirror, clock=clock)
+    return Engine(
+        store,
+        config,
+        wavespeed=wavespeed,
+        aiml=aiml,
+        mirror=mirror,
+        clock=clock,
+        on_iteration=on_iteration,
+    )
 
 
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -125,6 +138,9 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         aws=app[keys.AWS],
         aws_limiter=app[keys.AWS_LIMITER],
         clock=app[keys.CLOCK],
+        on_iteration=app[keys.LOOPS].register(
+            "workers", interval_s=app[keys.SETTINGS].poll_interval_s
+        ),
     )
     app[keys.STORE].listen(jobs=engine.notify)
     app[keys.ENGINE] = engine
@@ -132,15 +148,36 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def webhook_secrets_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The configured secrets; else, unless WaveSpeed is off, the provider's own."""
+    """The configured secrets; else, unless WaveSpeed is off, the provider's own, fetched
+    again every ``WEBHOOK_SECRET_REFRESH_S`` (a rotation at the provider is picked up)."""
     settings, wavespeed = app[keys.SETTINGS], app[keys.WAVESPEED]
     secrets: tuple[Secret, ...] = settings.webhook_secrets
-    if not secrets and wavespeed.access.mode != "off":
+    fetched = not secrets and wavespeed.access.mode != "off"
+    if fetched:
         secrets = (await _fetch_secret(wavespeed),)
     if not secrets:
         log.warning("webhooks.no_secret", reason="WaveSpeed is off: every callback is refused")
-    app[keys.WEBHOOK_SECRETS] = keys.WebhookSecrets(secrets)
-    yield
+    holder = app[keys.WEBHOOK_SECRETS] = keys.WebhookSecrets(secrets)
+    if not fetched:
+        yield
+        return
+
+    async def refresh() -> None:
+        secret = await _fetch_secret(wavespeed)
+        if secret not in holder.current:
+            # The old one stays accepted beside the new: deliveries signed before the
+            # rotation may still be retried.
+            holder.current = (secret, *holder.current[:1])
+            log.info("webhooks.secret_rotated")
+
+    interval = settings.webhook_secret_refresh_s
+    report = app[keys.LOOPS].register("webhook-secret", interval_s=interval)
+    async with _running(
+        "webhook-secret",
+        run_every("webhooks.secret_refresh", interval, refresh, report=report),
+        app,
+    ):
+        yield
 
 
 async def _fetch_secret(client: WaveSpeedClient) -> Secret:
@@ -154,12 +191,24 @@ async def _fetch_secret(client: WaveSpeedClient) -> Secret:
 
 
 @contextlib.asynccontextmanager
-async def _running(name: str, loop: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
-    """A background loop, started on entry, cancelled and awaited on exit."""
+async def _running(
+    name: str, loop: Coroutine[Any, Any, None], app: web.Application
+) -> AsyncIterator[None]:
+    """A background loop, started on entry, cancelled and awaited on exit. A loop that
+    ends by itself (it should not) turns the health checks red."""
     task = asyncio.create_task(loop, name=name)
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if not done.cancelled():
+            error = done.exception()
+            log.error("loop.ended", loop=name, error=repr(error))
+            app[keys.LOOPS].ended(name, error)
+
+    task.add_done_callback(ended)
     try:
         yield
     finally:
+        task.remove_done_callback(ended)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -173,10 +222,11 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     publisher = SnsPublisher(
         app[keys.AWS].sns, settings.sns_topic_arn, limiter=app[keys.AWS_LIMITER]
     )
-    relay = OutboxRelay(app[keys.STORE], publisher, clock=app[keys.CLOCK])
+    report = app[keys.LOOPS].register("relay", interval_s=1.0)
+    relay = OutboxRelay(app[keys.STORE], publisher, clock=app[keys.CLOCK], on_iteration=report)
     app[keys.STORE].listen(events=relay.notify)
     app[keys.RELAY] = relay
-    async with _running("outbox-relay", relay.run()):
+    async with _running("relay", relay.run(), app):
         yield
 
 
@@ -187,15 +237,39 @@ async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
         extend_s=max(1.0, settings.callback_timeout_s / 4),
         claim_s=max(5.0, settings.reconcile_interval_s * 2),
     )
-    sweeper = Sweeper(app[keys.STORE], app[keys.WAVESPEED], config, clock=app[keys.CLOCK])
+    report = app[keys.LOOPS].register("sweeper", interval_s=config.interval_s)
+    sweeper = Sweeper(
+        app[keys.STORE], app[keys.WAVESPEED], config, clock=app[keys.CLOCK], on_iteration=report
+    )
     app[keys.SWEEPER] = sweeper
-    async with _running("sweeper", sweeper.run()):
+    async with _running("sweeper", sweeper.run(), app):
+        yield
+
+
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Deliveries, sent events and ended runs' attempts older than RETENTION_S go."""
+    settings, store, clock = app[keys.SETTINGS], app[keys.STORE], app[keys.CLOCK]
+
+    async def prune() -> None:
+        pruned = await store.prune(before=clock() - settings.retention_s)
+        if any(pruned):
+            log.info("retention.pruned", **pruned._asdict())
+
+    interval = settings.retention_interval_s
+    report = app[keys.LOOPS].register("retention", interval_s=interval)
+    async with _running("retention", run_every("retention", interval, prune, report=report), app):
         yield
 
 
 async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, engine, health = app[keys.SETTINGS], app[keys.ENGINE], app[keys.HEALTH]
     task = asyncio.create_task(engine.run_workers(), name="workers")
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and not engine.stopping:
+            app[keys.LOOPS].ended("workers", done.exception())
+
+    task.add_done_callback(ended)
     health.ready = True
     log.info("service.ready", base_url=settings.base_url, workers=settings.workers)
     yield

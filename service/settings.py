@@ -12,6 +12,8 @@ from pipelines.catalog import Provider
 from pipelines.errors import ConfigError
 from pipelines.providers import ProviderAccess
 from pipelines.secrets import Secret
+from pipelines.spec import Limits
+from pipelines.store import parse_database_url
 
 DEFAULT_WAVESPEED = "https://api.wavespeed.ai"
 DEFAULT_AIMLAPI = "https://api.aimlapi.com"
@@ -65,6 +67,16 @@ class Settings:
     downstream_urls: str = "mirrored"
     presign_ttl_s: int = 6 * 3600
     aws_concurrency: int = 8
+    #: How big a pipeline may be: stages, and bytes of a REST request (an inline spec).
+    max_pipeline_stages: int = 100
+    max_spec_bytes: int = 256 * 1024
+    #: A loop (workers, sweeper, relay) failing this long turns liveness red.
+    liveness_failure_s: float = 120.0
+    #: Deliveries, sent events and ended runs' attempts older than this are deleted.
+    retention_s: float = 30 * 86400.0
+    retention_interval_s: float = 3600.0
+    #: How often a webhook secret fetched from the provider is fetched again.
+    webhook_secret_refresh_s: float = 3600.0
 
     def allowed_hosts(self) -> tuple[str, ...]:
         hosts = {urlsplit(u).hostname for u in (self.wavespeed_base_url, self.aimlapi_base_url)}
@@ -88,6 +100,10 @@ class Settings:
         }
 
     @property
+    def limits(self) -> Limits:
+        return Limits(max_stages=self.max_pipeline_stages, max_spec_bytes=self.max_spec_bytes)
+
+    @property
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
@@ -103,9 +119,8 @@ class Settings:
                 values[attr] = parse(env, var)
         if values.get("downstream_urls", "mirrored") not in ("mirrored", "provider"):
             raise ConfigError("DOWNSTREAM_URLS must be 'mirrored' or 'provider'")
-        url = values.get("database_url")
-        if url is not None and not str(url).startswith("sqlite:///"):
-            raise ConfigError("DATABASE_URL must be sqlite:///PATH in this build")
+        if "database_url" in values:
+            parse_database_url(str(values["database_url"]))
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -117,6 +132,8 @@ def _secrets(env: Mapping[str, str], name: str) -> tuple[Secret, ...]:
     parts = [p.strip() for p in env[name].split(",") if p.strip()]
     if not parts:
         raise ConfigError(f"{name}: no secret in the list")
+    if any(not p.removeprefix("whsec_") for p in parts):
+        raise ConfigError(f"{name}: a secret is empty after its whsec_ prefix")
     return tuple(Secret(p) for p in parts)
 
 
@@ -194,4 +211,10 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("WAVECHAIN_API_TOKEN", "api_token", _secret),
     ("SHUTDOWN_GRACE_S", "shutdown_grace_s", _ranged(0, 600)),
     ("DRAIN_DELAY_S", "drain_delay_s", _ranged(0, 120)),
+    ("MAX_PIPELINE_STAGES", "max_pipeline_stages", _ranged(1, 10_000)),
+    ("MAX_SPEC_BYTES", "max_spec_bytes", _ranged(1024, 16 * 1024 * 1024)),
+    ("LIVENESS_FAILURE_S", "liveness_failure_s", _ranged(5, 86400)),
+    ("RETENTION_S", "retention_s", _ranged(3600, 3650 * 86400)),
+    ("RETENTION_INTERVAL_S", "retention_interval_s", _ranged(1, 86400)),
+    ("WEBHOOK_SECRET_REFRESH_S", "webhook_secret_refresh_s", _ranged(10, 7 * 86400)),
 )

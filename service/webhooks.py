@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import orjson
@@ -13,6 +12,7 @@ from pipelines import signing
 from pipelines.errors import WebhookVerificationError
 from pipelines.providers import parse_prediction
 from service import keys
+from service.bodies import read_capped
 
 log = structlog.get_logger("wavechain.webhooks")
 
@@ -30,27 +30,6 @@ _STATUS = {
 _BODIES = {effect: json.dumps({"effect": effect}).encode() for effect in _STATUS}
 
 
-async def _read_capped(request: web.Request, cap: int) -> bytes | None:
-    if request.content_length is not None:
-        # The common case: a declared length within the cap is read in one go.
-        if request.content_length > cap:
-            return None
-        if request.content_length == 0:
-            return b""  # aiohttp's empty stream refuses readexactly(0)
-        try:
-            return await request.content.readexactly(request.content_length)
-        except asyncio.IncompleteReadError:
-            raise web.HTTPBadRequest(text="body shorter than its Content-Length") from None
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(65536):
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -59,7 +38,7 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
     app = request.app  # a property: looked up once, not per use
     received_at = app[keys.CLOCK]()
     settings = app[keys.SETTINGS]
-    body = await _read_capped(request, settings.max_webhook_bytes)
+    body = await read_capped(request, settings.max_webhook_bytes)
     if body is None:
         log.warning("webhook.rejected", reason="too_large")
         return _error(413, f"body larger than {settings.max_webhook_bytes} bytes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pytest_aiohttp import AiohttpServer
 from emulator.app import create_emulator_app
 from emulator.faults import Faults
 from tests.support.aws import AwsSandbox, moto_server, sandbox
+from tests.support.postgres import Databases, postgres_admin
 
 TEST_SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLXdhdmVjaGFpbg=="
 API_KEY = "test-key"
@@ -116,3 +118,21 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def aws(moto_endpoint: str) -> AwsSandbox:
     """A fresh bucket, topic and subscribed queue for one test."""
     return sandbox(moto_endpoint)
+
+
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[Databases]:
+    """A real PostgreSQL server for the session (the local one, or a throwaway cluster);
+    the databases tests make on it are dropped at the end."""
+    with postgres_admin() as admin:
+        databases = Databases(admin)
+        try:
+            yield databases
+        finally:
+            asyncio.run(databases.drop_all())
+
+
+@pytest.fixture
+async def pg_url(pg_databases: Databases) -> str:
+    """A fresh, empty PostgreSQL database."""
+    return await pg_databases.create()

@@ -519,9 +519,9 @@ def mirror(work: Path) -> dict[str, Any]:
 
 async def _fill_outbox(db: Path, count: int) -> None:
     from pipelines import spec as specs
-    from pipelines.store import Store
+    from pipelines.store import open_store
 
-    store = Store(f"sqlite:///{db}")
+    store = open_store(f"sqlite:///{db}")
     await store.start()
     pipeline = specs.parse(
         {"stages": {"v": {"model": "wavespeed-ai/hunyuan-video/t2v", "input": {"prompt": "x"}}}},
@@ -536,11 +536,11 @@ async def _relay_drain(db: Path, topic: str, endpoint: str) -> tuple[float, int]
     import anyio
 
     from pipelines.events import OutboxRelay, SnsPublisher
-    from pipelines.store import Store
+    from pipelines.store import open_store
     from service.aws import make_clients
     from service.settings import Settings
 
-    store = Store(f"sqlite:///{db}")
+    store = open_store(f"sqlite:///{db}")
     await store.start()
     aws = make_clients(Settings(aws_endpoint_url=endpoint))
     relay = OutboxRelay(store, SnsPublisher(aws.sns, topic, limiter=anyio.CapacityLimiter(8)))

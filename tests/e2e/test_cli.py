@@ -137,7 +137,7 @@ def test_demo_completes_without_polling() -> None:
 
 def test_emulator_serves_faults_endpoint(stack: str) -> None:
     """Sanity: the stack's API answers readiness."""
-    assert requests.get(f"{stack}/readyz", timeout=5).json() == {"ready": True}
+    assert requests.get(f"{stack}/readyz", timeout=5).json() == {"ready": True, "loops": {}}
 
 
 def test_events_tail_filters_and_cleans_up(moto_endpoint: str) -> None:

@@ -206,7 +206,7 @@ async def test_invalid_run_is_refused_before_any_request(
     assert resp.status == 400 and fragment in body["error"], body
     await asyncio.sleep(0.2)
     assert (await wc.emulator.counters()).get("submits", 0) == 0
-    assert await wc.app[keys.STORE].list_runs() == []
+    assert (await wc.app[keys.STORE].list_runs()).runs == []
 
 
 async def test_submit_throttling_is_retried(

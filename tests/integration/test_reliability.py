@@ -138,10 +138,11 @@ async def test_duplicate_storm_one_transition_per_stage(
 async def test_throttling_and_failures(
     make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
 ) -> None:
-    """429/503 on a share of submits and failed tasks: runs with a retry policy finish; the
-    others fail cleanly with the provider's error."""
+    """429 on a share of submits (nothing created: submitted again after a backoff) and
+    failed tasks: runs with a retry policy finish; the others fail cleanly with the
+    provider's error."""
     emulator = await make_emulator(
-        latency_s=0.05, submit_error_rate=0.3, submit_error_status=503, failure_rate=0.3,
+        latency_s=0.05, submit_error_rate=0.3, submit_error_status=429, failure_rate=0.3,
         failure_error="5003: model busy", rng_seed=5,
     )  # fmt: skip
     wc = await make_wavechain(emulator, submit_backoff_s=0.05, **FAST_RECONCILE)

@@ -215,3 +215,55 @@ def test_render_refuses_non_url_output() -> None:
                "b": {"model": MESH, "input": {"image": "${stages.a.outputs[0]}"}}})  # fmt: skip
     with pytest.raises(SpecError, match="must be an http"):
         specs.render(p.stages["b"], {}, {"a": ["data-not-a-url"]})
+
+
+def _chain(n: int) -> dict[str, Any]:
+    """A chain of ``n`` stages named so that each depends on the one named after it
+    (s_00000 needs s_00001 ...): the worst case for ordering by name."""
+    stages: dict[str, Any] = {}
+    for i in range(n):
+        stage: dict[str, Any] = {"model": IMG, "input": {"prompt": "x"}}
+        if i < n - 1:
+            stage["needs"] = [f"s_{i + 1:05d}"]
+        stages[f"s_{i:05d}"] = stage
+    return {"stages": stages}
+
+
+def test_a_long_chain_named_in_reverse_orders_without_recursion() -> None:
+    """5,000 stages in a chain, named against their order: parsed (no RecursionError),
+    ordered from the last name to the first, and each stage's downstream found."""
+    pipeline = specs.parse(_chain(5000), where="c", limits=specs.Limits(max_stages=10_000))
+    order = pipeline.order()
+    assert order[0] == "s_04999" and order[-1] == "s_00000" and len(order) == 5000
+    assert pipeline.downstream("s_04997") == {"s_04996", *(f"s_{i:05d}" for i in range(4996))}
+
+
+def test_a_long_cycle_is_named_without_recursion() -> None:
+    """A cycle through 3,000 stages is reported, not a stack overflow."""
+    doc = _chain(3000)
+    doc["stages"]["s_02999"]["needs"] = ["s_00000"]
+    with pytest.raises(SpecError, match=r"cycle: s_00000 -> s_00001 -> .* -> s_02999 -> s_00000"):
+        specs.parse(doc, where="c", limits=specs.Limits(max_stages=10_000))
+
+
+def test_stage_count_over_the_limit_is_refused_naming_it() -> None:
+    """101 stages with the default limit of 100: refused before any stage is checked."""
+    from pipelines.errors import PipelineTooLargeError
+
+    with pytest.raises(PipelineTooLargeError, match=r"101 stages, over the limit of 100"):
+        specs.parse(_chain(101), where="c")
+    assert len(specs.parse(_chain(100), where="c").stages) == 100
+
+
+@pytest.mark.parametrize("depth", [40, 5000, 100_000])
+def test_deep_nesting_is_a_spec_error(depth: int) -> None:
+    """A spec nested deeper than the limit is a SpecError (a 400), never a RecursionError,
+    whether it comes as data or as YAML text."""
+    doc: Any = "x"
+    for _ in range(depth):
+        doc = [doc]
+    with pytest.raises(SpecError, match="nested more than 32 levels"):
+        specs.parse({"stages": {"a": {"model": IMG, "input": {"prompt": doc}}}}, where="d")
+    text = "stages: " + "[" * depth + "]" * depth
+    with pytest.raises(SpecError, match=r"nested more than|invalid YAML"):
+        specs.parse_text(text, where="d.yaml")

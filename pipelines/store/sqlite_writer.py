@@ -27,9 +27,12 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
+
+from pipelines.errors import ConfigError
 
 T = TypeVar("T")
 _STOP = object()
@@ -51,13 +54,15 @@ class GroupCommitter:
         self,
         path: str,
         *,
-        schema: str,
+        migrations: Sequence[str],
         synchronous: str = "FULL",
         on_rollback: Callable[[], None] | None = None,
+        busy_timeout_ms: int = 5000,
     ) -> None:
         self._path = path
         self._on_rollback = on_rollback or (lambda: None)
-        self._schema = schema
+        self._migrations = migrations
+        self._busy_timeout_ms = busy_timeout_ms
         self._synchronous = synchronous.upper()
         # A batch of non-durable operations never asks for more than the configured level.
         self._relaxed = "NORMAL" if self._synchronous in ("FULL", "EXTRA") else self._synchronous
@@ -107,13 +112,9 @@ class GroupCommitter:
         self._queue.put(self._pending.pop(loop))
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = connect(self._path, busy_timeout_ms=self._busy_timeout_ms)
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(self._schema)
+        migrate(conn, self._migrations)
         return conn
 
     def _main(self) -> None:
@@ -202,6 +203,66 @@ class GroupCommitter:
             # RuntimeError: the loop closed while we committed; nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve_all, items)
+
+
+def connect(path: str, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, rows by name."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers "locked" at
+    # once, without waiting, to a reader that would wait on a writer: another process
+    # migrating the same new file. Wait for it here, within the busy timeout.
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _statements(script: str) -> Iterator[str]:
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[str]) -> int:
+    """Bring the schema to the last of ``migrations`` (the database's ``user_version``
+    counts those applied), each in its own write transaction: several processes starting
+    at once on one file apply each migration once. Returns the version."""
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(migrations):
+                raise ConfigError(
+                    f"DATABASE_URL: the database's schema is version {version}, newer than this "
+                    f"wavechain knows ({len(migrations)}): upgrade wavechain"
+                )
+            if version == len(migrations):
+                conn.execute("COMMIT")
+                return version
+            for statement in _statements(migrations[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

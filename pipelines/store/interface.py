@@ -1,0 +1,166 @@
+"""The store: one interface, two backends (``sqlite.py``, ``postgres.py``).
+
+Every public method is one transaction. The engine, sweeper, relay and receiver talk to
+this interface, never to a backend; decisions (what a transition writes, what a webhook
+does, deadlines, the event envelope) are pure functions in ``pipelines.transitions``,
+and a backend only reads and writes. Correctness under concurrency comes from the
+database: unique constraints for deliveries, jobs and events, a version check on every
+run transition, jobs and due stages claimed atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipelines import spec as specs
+from pipelines.state import Decision, Event
+from pipelines.store.records import (
+    DueStage,
+    Job,
+    OutboxRow,
+    Pruned,
+    RunPage,
+    RunView,
+    StageContext,
+    SubmitContext,
+    WebhookOutcome,
+)
+from pipelines.transitions import Deadlines
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    #: How long a submit may take (the provider client's timeout, plus a margin): an
+    #: attempt still ``sending`` after this died with its process, and a callback on its
+    #: token adopts the task id.
+    submit_timeout_s: float = 60.0
+    #: Parsed specs and run states kept in memory, most recently used first.
+    cached_runs: int = 2048
+    #: Bytes of stored spec JSON the parsed-spec cache may stand for.
+    cached_spec_bytes: int = 64 * 1024 * 1024
+
+
+Listener = Callable[[], None]
+
+
+class Store(Protocol):
+    """Durable state: runs, stages, attempts, deliveries, jobs with leases, the outbox."""
+
+    config: StoreConfig
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Transactions (``batches``) and the operations they carried, since start."""
+
+    async def start(self) -> None:
+        """Connect and apply the schema's migrations (safely if several start at once)."""
+
+    async def close(self) -> None: ...
+
+    def listen(self, *, jobs: Listener | None = None, events: Listener | None = None) -> None:
+        """Call ``jobs`` when new jobs may be due, ``events`` when events were added (by
+        this process, or, where the backend can tell, by another)."""
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached (readiness)."""
+
+    # runs
+    async def create_run(
+        self,
+        pipeline: specs.Pipeline,
+        inputs: Mapping[str, Any],
+        *,
+        now: float,
+        mirror: bool = False,
+    ) -> str: ...
+
+    async def apply(
+        self, run_id: str, event: Event, *, now: float, finish_job: int | None = None
+    ) -> Decision:
+        """Apply ``event`` to the run (and delete job ``finish_job``): one transaction."""
+
+    async def webhook(
+        self,
+        *,
+        provider: str,
+        webhook_id: str,
+        token: str,
+        task_id: str,
+        status: str,
+        make_event: Callable[[str, int], Event | None],
+        now: float,
+    ) -> WebhookOutcome:
+        """Resolve the token, record the delivery, apply the event: one transaction."""
+
+    # submit jobs
+    async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
+        """Lease up to ``limit`` due jobs; a submit job comes with its context."""
+
+    async def submit_context(self, job: Job) -> SubmitContext: ...
+
+    async def record_attempt(self, job: Job, token: str, *, provider: str, now: float) -> None:
+        """Written (durably) before the request leaves: never re-sent blindly."""
+
+    async def accept_attempt(
+        self, job: Job, token: str, task_id: str, events: Sequence[Event], *, now: float
+    ) -> Decision:
+        """Record the provider's task id, finish the job, apply ``events``."""
+
+    async def discard_attempt(self, job: Job) -> None:
+        """Delete the attempt of a submit the provider proved it never took."""
+
+    async def attempt_unknown(self, job: Job, *, now: float) -> None:
+        """The submit may have created a task: keep the attempt and its token for the
+        callback, drop the job, and give the stage its hard deadline."""
+
+    async def attempt_rejected(self, job: Job) -> None: ...
+
+    async def retry_job(self, job: Job, *, at: float, error: str) -> None: ...
+
+    async def drop_job(self, job: Job) -> None: ...
+
+    async def renew_lease(self, job: Job, *, until: float) -> None: ...
+
+    async def stage_state(self, run_id: str, stage: str) -> StageContext: ...
+
+    # reconciliation
+    async def claim_due_stages(self, *, now: float, limit: int, lease_s: float) -> list[DueStage]:
+        """Stages silent past their deadline; each is pushed ``lease_s`` ahead as a claim."""
+
+    async def extend_deadline(self, run_id: str, stage: str, attempt: int, at: float) -> None: ...
+
+    # the outbox
+    async def pending_events(self, *, limit: int) -> list[OutboxRow]:
+        """Unsent events not parked, oldest first (due or waiting for a retry)."""
+
+    async def mark_sent(self, seqs: Sequence[int], *, now: float) -> None: ...
+
+    async def mark_failed(
+        self, failures: Mapping[int, str], *, now: float, retry_at: Mapping[int, float | None]
+    ) -> None:
+        """Count a failed try of each event; ``retry_at`` None parks it (dead letter)."""
+
+    async def parked_events(self) -> list[dict[str, Any]]: ...
+
+    # singletons
+    async def hold_lease(self, name: str, holder: str, *, now: float, ttl_s: float) -> bool:
+        """Take or renew the named lease for ``holder``; False while another holds it."""
+
+    # retention
+    async def prune(self, *, before: float) -> Pruned:
+        """Delete deliveries, sent (or parked) events and ended runs' attempts older
+        than ``before``."""
+
+    # reads
+    async def get_run(self, run_id: str) -> RunView | None: ...
+
+    async def list_runs(
+        self, *, limit: int = 50, status: str | None = None, cursor: str | None = None
+    ) -> RunPage: ...
+
+    async def outbox(self, run_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    async def deliveries(self, run_id: str) -> list[dict[str, Any]]: ...

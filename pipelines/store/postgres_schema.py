@@ -1,0 +1,140 @@
+"""The PostgreSQL backend's schema as its history, and ``migrate``: each migration is
+applied once, in order, under an advisory lock, and recorded in ``wavechain_migrations``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from pipelines.errors import ConfigError
+
+log = structlog.get_logger("wavechain.store")
+
+#: pg_advisory_lock key for migrations (any constant; this one spells "wavechai").
+_MIGRATION_LOCK = 0x7761766563686169
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the schema.
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        status TEXT NOT NULL,
+        cancelled BOOLEAN NOT NULL DEFAULT false,
+        mirror BOOLEAN NOT NULL DEFAULT false,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_by_created ON runs (created_at DESC, id DESC);
+    CREATE INDEX runs_by_status ON runs (status, created_at DESC, id DESC);
+    CREATE TABLE stages (
+        run_id TEXT NOT NULL REFERENCES runs (id),
+        name TEXT NOT NULL,
+        position INTEGER NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        task_id TEXT,
+        outputs TEXT NOT NULL DEFAULT '[]',
+        mirrored TEXT NOT NULL DEFAULT '[]',
+        error TEXT NOT NULL DEFAULT '',
+        base_attempt INTEGER NOT NULL DEFAULT 0,
+        submitted_at DOUBLE PRECISION,
+        finished_at DOUBLE PRECISION,
+        deadline DOUBLE PRECISION,
+        hard_deadline DOUBLE PRECISION,
+        PRIMARY KEY (run_id, name)
+    );
+    CREATE INDEX stages_due ON stages (deadline) WHERE deadline IS NOT NULL;
+    CREATE TABLE attempts (
+        token_hash TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        task_id TEXT,
+        state TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        provider TEXT NOT NULL DEFAULT 'wavespeed',
+        UNIQUE (run_id, stage, attempt)
+    );
+    CREATE INDEX attempts_by_created ON attempts (created_at);
+    CREATE TABLE deliveries (
+        provider TEXT NOT NULL,
+        webhook_id TEXT NOT NULL,
+        run_id TEXT,
+        stage TEXT,
+        attempt INTEGER,
+        task_id TEXT,
+        status TEXT,
+        effect TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (provider, webhook_id)
+    );
+    CREATE INDEX deliveries_by_received ON deliveries (received_at);
+    CREATE INDEX deliveries_by_run ON deliveries (run_id);
+    CREATE TABLE jobs (
+        id BIGSERIAL PRIMARY KEY,
+        kind TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        run_after DOUBLE PRECISION NOT NULL,
+        lease_until DOUBLE PRECISION,
+        tries INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        UNIQUE (kind, run_id, stage, attempt)
+    );
+    CREATE INDEX jobs_due ON jobs (run_after, id);
+    CREATE TABLE outbox (
+        seq BIGSERIAL PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        run_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        sent_at DOUBLE PRECISION,
+        tries INTEGER NOT NULL DEFAULT 0,
+        not_before DOUBLE PRECISION,
+        dead_at DOUBLE PRECISION,
+        last_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX outbox_pending ON outbox (seq) WHERE sent_at IS NULL AND dead_at IS NULL;
+    CREATE INDEX outbox_by_run ON outbox (run_id, seq);
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until DOUBLE PRECISION NOT NULL
+    );
+    """,
+)
+
+
+async def migrate(conn: Any, migrations: Sequence[str] = MIGRATIONS) -> int:
+    """Apply what is missing of ``migrations``, under an advisory lock: replicas starting
+    at once apply each migration once, and the others wait. Returns the version."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS wavechain_migrations ("
+            "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        version = int(
+            await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM wavechain_migrations")
+        )
+        if version > len(migrations):
+            raise ConfigError(
+                f"DATABASE_URL: the database's schema is version {version}, newer than this "
+                f"wavechain knows ({len(migrations)}): upgrade wavechain"
+            )
+        for number in range(version + 1, len(migrations) + 1):
+            async with conn.transaction():
+                await conn.execute(migrations[number - 1])
+                await conn.execute("INSERT INTO wavechain_migrations (version) VALUES ($1)", number)
+            log.info("store.migrated", version=number)
+        return max(version, len(migrations))
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)

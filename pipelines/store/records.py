@@ -1,0 +1,181 @@
+"""What the store returns: plain records, the same whichever backend wrote them."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pipelines import spec as specs
+from pipelines.errors import SpecError
+from pipelines.state import StageState
+from pipelines.transitions import WebhookEffect, iso
+
+
+@dataclass(frozen=True, slots=True)
+class StageView:
+    name: str
+    model: str
+    status: str
+    attempt: int
+    task_id: str | None
+    outputs: list[str]
+    mirrored: list[str]
+    error: str
+    submitted_at: float | None
+    finished_at: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        elapsed = (
+            round(self.finished_at - self.submitted_at, 3)
+            if self.finished_at is not None and self.submitted_at is not None
+            else None
+        )
+        return {
+            "name": self.name,
+            "model": self.model,
+            "status": self.status,
+            "attempt": self.attempt,
+            "task_id": self.task_id,
+            "outputs": self.mirrored or self.outputs,
+            "provider_outputs": self.outputs,
+            "error": self.error or None,
+            "timings": {
+                "submitted_at": iso(self.submitted_at),
+                "finished_at": iso(self.finished_at),
+                "elapsed_s": elapsed,
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    id: str
+    pipeline: str
+    status: str
+    inputs: dict[str, Any]
+    created_at: float
+    updated_at: float
+    stages: list[StageView]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pipeline": self.pipeline,
+            "status": self.status,
+            "inputs": self.inputs,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "stages": [s.as_json() for s in self.stages],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    """A page of runs, newest first, and the cursor of the next page (None: the last)."""
+
+    runs: list[RunView]
+    next_cursor: str | None
+
+
+class Cursor(NamedTuple):
+    """Where a page of runs ends: the last run's creation time and id (ties broken by id)."""
+
+    created_at: float
+    run_id: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.created_at, self.run_id], separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            created_at, run_id = json.loads(raw)
+            if not isinstance(run_id, str) or isinstance(created_at, bool):
+                raise ValueError
+            return cls(float(created_at), run_id)
+        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+            raise SpecError("cursor: not a cursor this API returned") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitContext:
+    """All a submit job needs, read in one transaction."""
+
+    pipeline: specs.Pipeline
+    inputs: dict[str, Any]
+    stage: StageState
+    #: Succeeded upstream stages (their provider outputs and mirrored copies).
+    upstream: dict[str, StageState]
+    cancelled: bool
+    #: State of an attempt row left by an earlier try of this job, if any.
+    previous_attempt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    kind: str
+    run_id: str
+    stage: str
+    attempt: int
+    tries: int
+    #: For a submit job, what it needs, read in the transaction that claimed it.
+    context: SubmitContext | None = field(default=None, compare=False, repr=False)
+    #: When the job became due: for a stage's first submit, when the event that made it
+    #: ready was received (a delivery, or the run's creation); after a failure, the end
+    #: of its backoff.
+    due_at: float | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DueStage:
+    """A submitted stage silent past its deadline, claimed for reconciliation."""
+
+    run_id: str
+    stage: str
+    attempt: int
+    task_id: str | None
+    status: str
+    hard_deadline: float
+    #: The provider of the stage's current attempt (``wavespeed`` can be asked about it).
+    provider: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    run_id: str
+    body: dict[str, Any]
+    #: Publish attempts that failed so far.
+    tries: int = 0
+    #: Not to be tried again before this time (after a failure).
+    not_before: float | None = None
+
+
+class StageContext(NamedTuple):
+    """What a job about to work on a stage reads: its model, state, and the run's cancel."""
+
+    model: str
+    stage: StageState
+    cancelled: bool
+
+
+class WebhookOutcome(NamedTuple):
+    """What a delivery did. A named tuple: one is built per delivery on the hot path."""
+
+    effect: WebhookEffect
+    run_id: str | None = None
+    stage: str | None = None
+
+
+class Pruned(NamedTuple):
+    """Rows deleted by one retention pass."""
+
+    deliveries: int
+    events: int
+    attempts: int
