@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import struct
 import time
@@ -115,6 +116,14 @@ async def submit(request: web.Request) -> web.Response:
         provider.stats["submits_invalid"] += 1
         return envelope(400, str(exc))
     task = provider.create_task(rules, params, _origin(request), webhook)
+    if provider.chance(provider.faults.submit_unclear_rate):
+        # The task exists (and its webhook will come); the answer does not say so.
+        provider.stats["submits_unclear"] += 1
+        answer = provider.faults.submit_unclear_answer
+        if answer == "malformed":
+            text = json.dumps({"code": 200, "message": "success", "data": task.prediction()})
+            return web.Response(text=text[: len(text) // 2], content_type="application/json")
+        return web.Response(status=int(answer), text="Bad Gateway" if answer == "502" else "")
     if params.get("enable_sync_mode"):
         try:
             await asyncio.wait_for(task.done.wait(), provider.faults.sync_timeout_s)
@@ -229,6 +238,17 @@ def _free_box_header(padding: int) -> bytes:
 
 
 async def _stream(request: web.Request, stored: StoredFile, filename: str) -> web.StreamResponse:
+    encoding = request.app[PROVIDER].faults.output_encoding
+    if encoding == "gzip":  # compressed as a CDN serves it: Content-Length is the gzip's
+        body = await anyio.to_thread.run_sync(_gzipped, stored)
+        return web.Response(
+            body=body,
+            headers={
+                "Content-Type": stored.content_type,
+                "Content-Encoding": "gzip",
+                "Content-Disposition": f'inline; filename="{filename}"',
+            },
+        )
     response = web.StreamResponse(
         headers={
             "Content-Type": stored.content_type,
@@ -252,6 +272,16 @@ async def _stream(request: web.Request, stored: StoredFile, filename: str) -> we
             remaining -= step
     await response.write_eof()
     return response
+
+
+def _gzipped(stored: StoredFile) -> bytes:
+    """The file, padding included, gzip-compressed (incompressible data stays its size)."""
+    out = gzip.compress(stored.data, compresslevel=1, mtime=0)
+    padding = stored.size - len(stored.data)
+    if padding:
+        header = _free_box_header(padding)
+        out += gzip.compress(header + bytes(padding - len(header)), compresslevel=1, mtime=0)
+    return out
 
 
 async def get_output(request: web.Request) -> web.StreamResponse:
@@ -325,6 +355,17 @@ async def get_tasks(request: web.Request) -> web.Response:
     return web.json_response(rows)
 
 
+async def rotate_secret(request: web.Request) -> web.Response:
+    """Sign webhooks with a new secret from now on (a rotation at the provider)."""
+    provider = request.app[PROVIDER]
+    body = await _json_object(request)
+    secret = body.get("secret") or new_secret()
+    if not isinstance(secret, str):
+        return web.json_response({"error": "secret must be a string"}, status=400)
+    provider.webhook_secret = secret
+    return web.json_response({"secret": secret})
+
+
 async def reset(request: web.Request) -> web.Response:
     request.app[PROVIDER].reset()
     return web.json_response({"ok": True})
@@ -366,4 +407,5 @@ def create_emulator_app(
     r.add_get("/_emulator/deliveries", get_deliveries)
     r.add_get("/_emulator/tasks", get_tasks)
     r.add_post("/_emulator/reset", reset)
+    r.add_post("/_emulator/webhook-secret", rotate_secret)
     return app

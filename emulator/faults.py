@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-_RATES = ("failure_rate", "duplicate_rate", "drop_rate", "submit_error_rate")
+_RATES = (
+    "failure_rate",
+    "duplicate_rate",
+    "drop_rate",
+    "submit_error_rate",
+    "submit_unclear_rate",
+)
 
 
 class FaultError(ValueError):
@@ -40,6 +46,12 @@ class Faults:
     submit_error_rate: float = 0.0
     submit_error_status: int = 429
     retry_after_s: int | None = None
+    #: Share of submits that create the task (and send its webhook) but answer unclearly:
+    #: ``malformed`` (a 200 whose body is cut off), or a 502/504 from a gateway.
+    submit_unclear_rate: float = 0.0
+    submit_unclear_answer: str = "malformed"
+    #: Serve outputs with this Content-Encoding (``gzip``), compressed, as a CDN may.
+    output_encoding: str | None = None
     #: Redeliveries after a failed webhook attempt (WaveSpeed documents 3).
     webhook_retries: int = 3
     webhook_backoff_s: float = 1.0
@@ -73,6 +85,13 @@ class Faults:
             raise FaultError(
                 f"submit_error_status must be 429 or a 5xx, got {self.submit_error_status}"
             )
+        if self.submit_unclear_answer not in ("malformed", "502", "504"):
+            raise FaultError(
+                "submit_unclear_answer must be malformed, 502 or 504, "
+                f"got {self.submit_unclear_answer!r}"
+            )
+        if self.output_encoding not in (None, "gzip"):
+            raise FaultError(f"output_encoding must be gzip or null, got {self.output_encoding!r}")
         if self.large_output_bytes is not None and self.large_output_bytes < 1:
             raise FaultError("large_output_bytes must be positive")
 

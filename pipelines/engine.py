@@ -25,6 +25,7 @@ from pipelines.errors import (
     SpecError,
     SubmitOutcomeUnknownError,
 )
+from pipelines.health import NO_REPORTS, Reporter
 from pipelines.mirror import MirrorRejectedError, S3Mirror
 from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
 from pipelines.spec import Pipeline, bind_inputs, render
@@ -76,7 +77,7 @@ class Engine:
         mirror: S3Mirror | None = None,
         clock: Callable[[], float] = time.time,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32),
-        on_iteration: Callable[[BaseException | None], None] | None = None,
+        on_iteration: Reporter = NO_REPORTS,
     ) -> None:
         self.store = store
         self.config = config
@@ -91,7 +92,7 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._running: set[asyncio.Task[None]] = set()
-        self._on_iteration = on_iteration or (lambda error: None)
+        self._on_iteration = on_iteration
 
     @property
     def stopping(self) -> bool:
@@ -183,6 +184,7 @@ class Engine:
             free = self.config.workers - self._busy
             jobs: list[Job] = []
             if free > 0:
+                self._on_iteration.begin()
                 try:
                     jobs = await self.store.claim_jobs(
                         now=self._clock(), limit=free, lease_s=self.config.job_lease_s
@@ -209,6 +211,11 @@ class Engine:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def drain(self) -> None:
+        """Claim no new jobs from now on (shutdown has started)."""
+        self._stopping = True
+        self._wake.set()
 
     async def stop(self, grace_s: float) -> bool:
         """Take no new jobs; wait up to ``grace_s`` for running ones, then cancel what is

@@ -197,11 +197,11 @@ class OutboxRelay:
         publisher: SnsPublisher,
         *,
         poll_interval_s: float = 1.0,
-        max_backoff_s: float = 30.0,
+        max_backoff_s: float = 10.0,
         parallel: int = 8,
         max_tries: int = 8,
         retry_base_s: float = 0.5,
-        lease_s: float = 10.0,
+        lease_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         on_iteration: Callable[[BaseException | None], None] | None = None,
     ) -> None:
@@ -224,6 +224,15 @@ class OutboxRelay:
         self._wake.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            # Stopping: hand the relay to another process now, not when the lease lapses.
+            with contextlib.suppress(Exception):
+                await self._store.release_lease("relay", self._holder)
+            raise
+
+    async def _run(self) -> None:
         failures = 0
         while True:
             self._wake.clear()
@@ -241,7 +250,9 @@ class OutboxRelay:
                 failures += 1
                 delay = backoff_s(failures, base=0.2, cap=self._max_backoff)
                 log.warning("events.publish_failed", error=repr(exc), retry_in_s=delay)
-                self._on_iteration(exc)
+                # SNS down does not make this process unfit to receive callbacks: only a
+                # store it cannot reach turns the health checks red.
+                self._on_iteration(None if isinstance(exc, PublishError) else exc)
                 await asyncio.sleep(delay)
                 continue
             if not progressed:

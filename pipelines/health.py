@@ -9,7 +9,8 @@ failed (the loop itself logs, backs off and goes on). From the reports:
   whose loops cannot run is restarted.
 
 A loop is silent when it has not reported for ten of its intervals (at least 30 s), or
-when its task ended.
+when its task ended; it is stalled when an iteration it began (``begin``) has been
+waiting longer than ``stall_s`` (a database whose lock another process holds).
 """
 
 from __future__ import annotations
@@ -27,6 +28,27 @@ class _Loop:
     failing_since: float | None = None
     error: str = ""
     ended: bool = False
+    began: float | None = None
+
+
+class Reporter:
+    """What a loop calls: ``begin()`` as a wait on the store starts (optional), and
+    ``report(error)`` (or the reporter itself) after each iteration."""
+
+    def __init__(self, loops: Loops | None = None, name: str = "") -> None:
+        self._loops = loops
+        self._name = name
+
+    def begin(self) -> None:
+        if self._loops is not None:
+            self._loops.begin(self._name)
+
+    def __call__(self, error: BaseException | None) -> None:
+        if self._loops is not None:
+            self._loops.report(self._name, error)
+
+
+NO_REPORTS = Reporter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,25 +61,30 @@ class LoopsStatus:
 
 class Loops:
     def __init__(
-        self, *, dead_after_s: float = 120.0, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        dead_after_s: float = 120.0,
+        stall_s: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._loops: dict[str, _Loop] = {}
         self._dead_after_s = dead_after_s
+        self._stall_s = stall_s
         self._clock = clock
 
-    def register(self, name: str, *, interval_s: float) -> Callable[[BaseException | None], None]:
+    def register(self, name: str, *, interval_s: float) -> Reporter:
         """The reporter ``name`` calls after each iteration."""
         self._loops[name] = _Loop(interval_s, self._clock())
+        return Reporter(self, name)
 
-        def report(error: BaseException | None) -> None:
-            self.report(name, error)
-
-        return report
+    def begin(self, name: str) -> None:
+        self._loops[name].began = self._clock()
 
     def report(self, name: str, error: BaseException | None) -> None:
         loop = self._loops[name]
         now = self._clock()
         loop.last_report = now
+        loop.began = None
         if error is None:
             loop.failing_since, loop.error = None, ""
         else:
@@ -84,6 +111,11 @@ class Loops:
                 ready = False
                 problems[name] = loop.error
                 if loop.ended or (since is not None and now - since > self._dead_after_s):
+                    live = False
+            elif loop.began is not None and now - loop.began > self._stall_s:
+                ready = False
+                problems[name] = f"waiting on the store for {now - loop.began:.1f} s"
+                if now - loop.began > self._dead_after_s:
                     live = False
             elif silent:
                 ready = False

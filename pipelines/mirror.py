@@ -17,6 +17,12 @@ and rewriting it needs a copy of the whole object (refused above 5 GiB).
 
 Errors: ``MirrorRejectedError`` is permanent (forbidden scheme or host, too large, the
 source answers 4xx); anything else (S3 or network trouble, 5xx) is worth retrying.
+
+Safety: only ``http``/``https``, only hosts the allow-list names, and never a private,
+loopback or link-local address after resolution (loopback only when a local endpoint is
+configured), checked on every redirect hop and at every connection (``GuardedResolver``).
+What the provider serves is stored as served: no automatic decompression (a
+``Content-Encoding`` is kept on the object), and every byte counts against the cap.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import binascii
 import contextlib
 import fnmatch
 import hashlib
+import ipaddress
 import mimetypes
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +44,8 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import anyio.from_thread
 import anyio.to_thread
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from anyio import CapacityLimiter, EndOfStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -81,9 +91,69 @@ class MirrorConfig:
     #: Hostname patterns outputs may come from (fnmatch: ``*.cloudfront.net``).
     allowed_hosts: tuple[str, ...] = ()
     max_bytes: int = 2 * 1024**3
+    #: Loopback sources are allowed only when a local endpoint (an emulator) is configured.
+    allow_loopback: bool = False
+    #: A download must connect within this, and be done within ``total_timeout_s``.
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    total_timeout_s: float = 3600.0
     part_size: int = PART_SIZE
     #: Outputs of known size up to this go up in one streaming PutObject.
     single_put_max: int = SINGLE_PUT_MAX
+
+
+def address_refusal(address: str, *, allow_loopback: bool) -> str | None:
+    """Why ``address`` may not be fetched from, or None: private, loopback (unless
+    allowed), link-local (cloud metadata), multicast, reserved or unspecified addresses;
+    an IPv4-mapped IPv6 address is judged by its IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None if allow_loopback else f"{ip} is a loopback address"
+    if ip.is_link_local:
+        return f"{ip} is a link-local address"
+    if ip.is_private or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
+        return f"{ip} is a private or reserved address"
+    return None
+
+
+class ForbiddenAddressError(WavechainError, OSError):
+    """A host resolved to an address outputs may not come from (an OSError too, which is
+    what aiohttp expects of a resolver)."""
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, refusing hosts that resolve to a forbidden address: checked at
+    every connection, so a redirect or a DNS answer cannot lead a download inside."""
+
+    def __init__(self, *, allow_loopback: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_loopback = allow_loopback
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            refusal = address_refusal(result["host"], allow_loopback=self._allow_loopback)
+            if refusal is not None:
+                raise ForbiddenAddressError(f"output host {host!r} resolves to {refusal}")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def mirror_session(*, allow_loopback: bool) -> aiohttp.ClientSession:
+    """The session downloads run on: guarded resolution, bytes as served."""
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(allow_loopback=allow_loopback), limit=64
+    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
 
 def host_allowed(url: str, patterns: Sequence[str]) -> bool:
@@ -178,16 +248,34 @@ class S3Mirror:
         )
 
     async def _open(self, url: str) -> aiohttp.ClientResponse:
-        """GET with redirects followed by hand, so every hop is checked against the allow-list."""
+        """GET with redirects followed by hand, so every hop is checked against the
+        allow-list and the address rules (IP literals here; names as they resolve)."""
+        config = self.config
+        timeout = aiohttp.ClientTimeout(
+            total=config.total_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,
+        )
         for _ in range(_MAX_REDIRECTS + 1):
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise MirrorRejectedError(f"output URL scheme not allowed: {urlsplit(url).scheme}")
-            if not host_allowed(url, self.config.allowed_hosts):
-                host = urlsplit(url).hostname
-                raise MirrorRejectedError(f"output host {host!r} is not in MIRROR_ALLOWED_HOSTS")
-            resp = await self._session.get(
-                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
-            )
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https"):
+                raise MirrorRejectedError(f"output URL scheme not allowed: {parts.scheme}")
+            if not host_allowed(url, config.allowed_hosts):
+                raise MirrorRejectedError(
+                    f"output host {parts.hostname!r} is not in MIRROR_ALLOWED_HOSTS"
+                )
+            if _is_ip(parts.hostname or ""):
+                refusal = address_refusal(
+                    parts.hostname or "", allow_loopback=config.allow_loopback
+                )
+                if refusal is not None:
+                    raise MirrorRejectedError(f"output host is {refusal}")
+            try:
+                resp = await self._session.get(url, allow_redirects=False, timeout=timeout)
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, ForbiddenAddressError):
+                    raise MirrorRejectedError(str(exc.os_error)) from None
+                raise
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 resp.release()
                 url = urljoin(url, resp.headers["Location"])
@@ -212,10 +300,14 @@ class S3Mirror:
                 )
             content_type = _content_type(url, resp.headers.get("Content-Type", ""))
             key = f"{stem}.{_extension(url, content_type)}"
+            # Stored as served: a compressed output keeps its Content-Encoding.
+            content = {"ContentType": content_type}
+            if encoding := resp.headers.get("Content-Encoding", "").strip():
+                content["ContentEncoding"] = encoding
             length = resp.content_length
             if length is not None and self.config.part_size <= length <= self.config.single_put_max:
-                return await self._stream_put(resp, key, length, content_type, metadata)
-            return await self._stream(resp, key, content_type, metadata)
+                return await self._stream_put(resp, key, length, content, metadata)
+            return await self._stream(resp, key, content, metadata)
         finally:
             resp.release()
 
@@ -223,7 +315,7 @@ class S3Mirror:
         self,
         resp: aiohttp.ClientResponse,
         key: str,
-        content_type: str,
+        content: Mapping[str, str],
         metadata: Mapping[str, str],
     ) -> MirroredObject:
         bucket, part_size = self.config.bucket, self.config.part_size
@@ -246,7 +338,7 @@ class S3Mirror:
                         started = await self._on_bucket(
                             self._s3.create_multipart_upload,
                             Key=key,
-                            ContentType=content_type,
+                            **content,
                             Metadata=dict(metadata),
                         )
                         upload_id = started["UploadId"]
@@ -258,7 +350,7 @@ class S3Mirror:
                     self._s3.put_object,
                     Key=key,
                     Body=bytes(buffer),
-                    ContentType=content_type,
+                    **content,
                     Metadata=dict(metadata),
                     Tagging=_tagging(sha),
                 )
@@ -278,14 +370,14 @@ class S3Mirror:
             if upload_id is not None:
                 await self._abort(key, upload_id)
             raise
-        return MirroredObject(f"s3://{bucket}/{key}", key, size, sha, content_type)
+        return MirroredObject(f"s3://{bucket}/{key}", key, size, sha, content["ContentType"])
 
     async def _stream_put(
         self,
         resp: aiohttp.ClientResponse,
         key: str,
         length: int,
-        content_type: str,
+        content: Mapping[str, str],
         metadata: Mapping[str, str],
     ) -> MirroredObject:
         """Pipe the download into one PutObject: a task feeds chunks, a thread sends them
@@ -294,9 +386,15 @@ class S3Mirror:
         failed: list[Exception] = []
 
         async def pump() -> None:
+            received = 0
             async with send:
                 try:
                     async for chunk in resp.content.iter_chunked(_READ):
+                        received += len(chunk)  # every byte counts, whatever was declared
+                        if received > length or received > self.config.max_bytes:
+                            raise MirrorSourceError(
+                                f"output sent more than its {length} declared bytes"
+                            )
                         await send.send(chunk)
                 except Exception as exc:  # re-raised below, once the upload has stopped
                     failed.append(exc)
@@ -311,7 +409,7 @@ class S3Mirror:
                     Key=key,
                     Body=body,
                     ContentLength=length,
-                    ContentType=content_type,
+                    **content,
                     Metadata=dict(metadata),
                 )
             except Exception as exc:  # raised outside the task group, unwrapped
@@ -325,7 +423,8 @@ class S3Mirror:
             raise upload_error
         sha = body.sha256()
         await self._tag(key, sha)
-        return MirroredObject(f"s3://{self.config.bucket}/{key}", key, length, sha, content_type)
+        uri = f"s3://{self.config.bucket}/{key}"
+        return MirroredObject(uri, key, length, sha, content["ContentType"])
 
     async def _tag(self, key: str, sha: str) -> None:
         await self._on_bucket(
@@ -410,6 +509,14 @@ class _PipeReader:
         out, self._view = self._view[:take], self._view[take:]
         self._read += len(out)
         return bytes(out)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _tagging(sha: str) -> str:

@@ -10,6 +10,7 @@ limit; past it the stage times out and its retry policy decides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +36,8 @@ class SweeperConfig:
     #: How long a claimed stage is hidden from other sweepers while it is asked about.
     claim_s: float = 30.0
     batch: int = 50
-    #: One sweeper at a time across processes and replicas holds this lease.
+    #: One sweeper at a time across processes and replicas holds this lease (renewed each
+    #: round: at least three intervals).
     lease_s: float = 15.0
 
 
@@ -61,6 +63,14 @@ class Sweeper:
     async def run(self) -> None:
         """Sweep every ``interval_s`` while holding the sweeper lease; a failed round is
         logged and retried after a backoff, never the end of the loop."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self._store.release_lease("sweeper", self._holder)
+            raise
+
+    async def _run(self) -> None:
         failures = 0
         while True:
             try:
@@ -76,7 +86,7 @@ class Sweeper:
                 failures += 1
                 log.exception("reconcile.sweep_failed")
                 self._on_iteration(exc)
-                delay = max(self.config.interval_s, backoff_s(failures, base=1.0, cap=30.0))
+                delay = max(self.config.interval_s, backoff_s(failures, base=0.5, cap=5.0))
             await asyncio.sleep(delay)
 
     async def sweep_once(self) -> int:

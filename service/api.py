@@ -42,7 +42,9 @@ async def load_example(name: str) -> specs.Pipeline:
 async def _json(request: web.Request) -> dict[str, Any]:
     """The request's JSON object, within the size and nesting limits."""
     limits = request.app[keys.SETTINGS].limits
-    raw = await read_capped(request, limits.max_spec_bytes)
+    raw = await read_capped(
+        request, limits.max_spec_bytes, timeout_s=request.app[keys.SETTINGS].body_read_timeout_s
+    )
     if raw is None:
         raise PipelineTooLargeError(
             f"request body larger than {limits.max_spec_bytes} bytes (MAX_SPEC_BYTES)"

@@ -7,8 +7,20 @@ import asyncio
 from aiohttp import web
 
 
-async def read_capped(request: web.Request, cap: int) -> bytes | None:
-    """The body, or None when it is larger than ``cap`` bytes (declared or sent)."""
+async def read_capped(request: web.Request, cap: int, *, timeout_s: float) -> bytes | None:
+    """The body, or None when it is larger than ``cap`` bytes (declared or sent). A body
+    that takes longer than ``timeout_s`` to arrive is answered 408: a trickling client
+    does not hold a handler for ever."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(request, cap)
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text='{"error": "request body too slow"}', content_type="application/json"
+        ) from None
+
+
+async def _read(request: web.Request, cap: int) -> bytes | None:
     if request.content_length is not None:
         # The common case: a declared length within the cap is read in one go.
         if request.content_length > cap:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,13 +17,12 @@ from aiohttp import web
 
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
-from service import keys
-from service.app import create_app
+from pipelines.providers import is_loopback
 from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
 from service.demo import run_demo
 from service.logs import configure_logging
-from service.middlewares import AccessLog
+from service.serving import loop_factory, serve_until_signal
 from service.settings import Settings
 from service.tail import Tail, filter_policy, tail
 
@@ -159,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="listen address (default $WAVECHAIN_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default $WAVECHAIN_PORT or 8000)")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve the REST API without WAVECHAIN_API_TOKEN on a non-loopback address",
+    )
 
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument(
@@ -285,52 +287,22 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         settings = settings.replace(host=args.host)
     if args.port is not None:
         settings = settings.replace(port=args.port)
+    if settings.api_token is None and not is_loopback(f"http://{_bracketed(settings.host)}"):
+        if not args.insecure_no_auth:
+            raise ConfigError(
+                f"listening on {settings.host}, beyond this machine, without "
+                "WAVECHAIN_API_TOKEN: anyone who can reach the port could start paid runs. "
+                "Set WAVECHAIN_API_TOKEN, listen on 127.0.0.1, or pass --insecure-no-auth"
+            )
+        log.warning("service.insecure_no_auth", host=settings.host)
     log.info("service.starting", host=settings.host, port=settings.port)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve_until_signal(settings))
     return 0
 
 
-def _loop_factory() -> Any:
-    try:
-        import uvloop
-    except ImportError:  # not on every platform; the standard loop works, only slower
-        return None
-    return uvloop.new_event_loop
-
-
-async def serve_until_signal(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully.
-
-    Readiness turns false first and stays so for ``drain_delay_s`` (the ingress stops
-    sending), then the listener closes, in-flight requests get ``shutdown_grace_s``,
-    and workers finish their jobs within the same grace before the process exits.
-    """
-    app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=settings.shutdown_grace_s,
-        access_log_class=AccessLog,
-    )
-    await runner.setup()
-    # What startup built lives as long as the process: frozen, full collections under
-    # load walk only what requests allocate; and a higher first threshold collects the
-    # few cycles each request leaves less often (docs/benchmarks.md has the figures).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-    await web.TCPSite(runner, settings.host, settings.port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    app[keys.HEALTH].ready = False
-    log.info("service.draining", delay_s=settings.drain_delay_s)
-    await asyncio.sleep(settings.drain_delay_s)
-    await runner.cleanup()
-    log.info("service.stopped")
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _events_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:

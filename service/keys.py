@@ -26,6 +26,8 @@ class Health:
     """Readiness: true once the workers run, false from the moment draining starts."""
 
     ready: bool = False
+    #: When shutdown must be over (a monotonic time), once draining has started.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -44,6 +46,8 @@ HEALTH = web.AppKey("health", Health)
 LOOPS = web.AppKey("loops", Loops)
 WEBHOOK_SECRETS = web.AppKey("webhook_secrets", WebhookSecrets)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+#: Downloads of outputs: guarded resolution, no decompression.
+MIRROR_HTTP = web.AppKey("mirror_http", aiohttp.ClientSession)
 AWS = web.AppKey("aws", AwsClients)
 AWS_LIMITER = web.AppKey("aws_limiter", CapacityLimiter)
 STORE = web.AppKey("store", Store)

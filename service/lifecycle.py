@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -21,8 +22,9 @@ from aiohttp import web
 from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ConfigError, ProviderError
 from pipelines.events import OutboxRelay, SnsPublisher
+from pipelines.health import NO_REPORTS, Reporter
 from pipelines.loops import run_every
-from pipelines.mirror import MirrorConfig, S3Mirror
+from pipelines.mirror import MirrorConfig, S3Mirror, mirror_session
 from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
 from pipelines.store import Store, StoreConfig, open_store, parse_database_url
@@ -36,9 +38,15 @@ log = structlog.get_logger("wavechain.app")
 
 
 async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The provider clients' session, and the output downloads' own (guarded) one."""
     connector = aiohttp.TCPConnector(limit=100, limit_per_host=50)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    allow_loopback = app[keys.SETTINGS].local_endpoints
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        mirror_session(allow_loopback=allow_loopback) as downloads,
+    ):
         app[keys.HTTP] = session
+        app[keys.MIRROR_HTTP] = downloads
         yield
 
 
@@ -96,7 +104,7 @@ def build_engine(
     aws: AwsClients,
     aws_limiter: anyio.CapacityLimiter,
     clock: Callable[[], float],
-    on_iteration: Callable[[BaseException | None], None] | None = None,
+    on_iteration: Reporter = NO_REPORTS,
 ) -> Engine:
     """The engine as configured: its workers' settings and, with a bucket, the S3 mirror."""
     config = EngineConfig(
@@ -115,6 +123,7 @@ def build_engine(
             prefix=settings.s3_prefix,
             allowed_hosts=settings.allowed_hosts(),
             max_bytes=settings.mirror_max_bytes,
+            allow_loopback=settings.local_endpoints,
         )
         mirror = S3Mirror(aws.s3, http, mirror_config, limiter=aws_limiter)
     return Engine(
@@ -134,7 +143,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.STORE],
         wavespeed=app[keys.WAVESPEED],
         aiml=app[keys.AIML],
-        http=app[keys.HTTP],
+        http=app[keys.MIRROR_HTTP],
         aws=app[keys.AWS],
         aws_limiter=app[keys.AWS_LIMITER],
         clock=app[keys.CLOCK],
@@ -223,7 +232,14 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.AWS].sns, settings.sns_topic_arn, limiter=app[keys.AWS_LIMITER]
     )
     report = app[keys.LOOPS].register("relay", interval_s=1.0)
-    relay = OutboxRelay(app[keys.STORE], publisher, clock=app[keys.CLOCK], on_iteration=report)
+    relay = OutboxRelay(
+        app[keys.STORE],
+        publisher,
+        clock=app[keys.CLOCK],
+        on_iteration=report,
+        max_tries=settings.event_max_tries,
+        retry_base_s=settings.event_retry_base_s,
+    )
     app[keys.STORE].listen(events=relay.notify)
     app[keys.RELAY] = relay
     async with _running("relay", relay.run(), app):
@@ -236,6 +252,7 @@ async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
         interval_s=settings.reconcile_interval_s,
         extend_s=max(1.0, settings.callback_timeout_s / 4),
         claim_s=max(5.0, settings.reconcile_interval_s * 2),
+        lease_s=max(5.0, settings.reconcile_interval_s * 3),
     )
     report = app[keys.LOOPS].register("sweeper", interval_s=config.interval_s)
     sweeper = Sweeper(
@@ -274,9 +291,13 @@ async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("service.ready", base_url=settings.base_url, workers=settings.workers)
     yield
     health.ready = False
-    # Graceful: no new jobs; running ones get the grace period, then are cancelled.
-    # A cancelled job keeps its lease row and is taken again after a restart.
-    finished = await engine.stop(settings.shutdown_grace_s)
+    # Graceful: no new jobs; running ones get what is left of the grace period (the
+    # requests in flight had their share first), then are cancelled. A cancelled job
+    # keeps its lease row and is taken again by another process or after a restart.
+    grace = settings.shutdown_grace_s
+    if health.deadline is not None:
+        grace = max(0.0, health.deadline - time.monotonic())
+    finished = await engine.stop(grace)
     log.info("workers.stopped", drained=finished)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

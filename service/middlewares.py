@@ -17,6 +17,7 @@ from aiohttp.web_request import BaseRequest
 
 from pipelines.errors import WavechainError
 from pipelines.secrets import Secret
+from pipelines.store import unavailable
 from service import keys, logs
 
 log = structlog.get_logger("wavechain.app")
@@ -55,7 +56,16 @@ async def context_and_errors(request: web.Request, handler: Handler) -> web.Stre
             response.headers["Retry-After"] = "1"
     except web.HTTPException:
         raise
-    except Exception:
+    except Exception as exc:
+        if unavailable(exc):  # the database is locked or down: the caller retries
+            log.warning("request.store_unavailable", error=repr(exc))
+            response = web.json_response(
+                {"error": "the store is unavailable; try again", "request_id": request_id},
+                status=503,
+                headers={"Retry-After": "2"},
+            )
+            response.headers["X-Request-Id"] = request_id
+            return response
         log.exception("request.failed")
         response = web.json_response(
             {"error": "internal error", "request_id": request_id}, status=500

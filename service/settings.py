@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pipelines.catalog import Provider
 from pipelines.errors import ConfigError
-from pipelines.providers import ProviderAccess
+from pipelines.providers import ProviderAccess, is_loopback
 from pipelines.secrets import Secret
 from pipelines.spec import Limits
 from pipelines.store import parse_database_url
@@ -51,6 +51,12 @@ class Settings:
     shutdown_grace_s: float = 20.0
     #: On SIGTERM: how long /readyz answers 503 before the listener closes.
     drain_delay_s: float = 2.0
+    #: A request body must arrive within this (408 otherwise).
+    body_read_timeout_s: float = 10.0
+    #: Idle keep-alive connections close after this.
+    keepalive_timeout_s: float = 15.0
+    #: Open connections beyond this are closed at once.
+    max_connections: int = 1000
     #: Mirror target; no bucket means outputs are not copied.
     s3_bucket: str | None = None
     s3_prefix: str = ""
@@ -75,12 +81,23 @@ class Settings:
     #: Deliveries, sent events and ended runs' attempts older than this are deleted.
     retention_s: float = 30 * 86400.0
     retention_interval_s: float = 3600.0
+    #: Tries of one event SNS refuses before it is parked (a dead letter), and the first
+    #: wait between them (doubling).
+    event_max_tries: int = 8
+    event_retry_base_s: float = 1.0
     #: How often a webhook secret fetched from the provider is fetched again.
     webhook_secret_refresh_s: float = 3600.0
 
     def allowed_hosts(self) -> tuple[str, ...]:
         hosts = {urlsplit(u).hostname for u in (self.wavespeed_base_url, self.aimlapi_base_url)}
         return (*self.mirror_allowed_hosts, *sorted(h for h in hosts if h))
+
+    @property
+    def local_endpoints(self) -> bool:
+        """A provider or the AWS endpoint is on this machine (an emulator, moto): outputs
+        may then come from loopback addresses."""
+        urls = (self.wavespeed_base_url, self.aimlapi_base_url, self.aws_endpoint_url or "")
+        return any(is_loopback(url) for url in urls if url)
 
     def provider_access(self) -> dict[Provider, ProviderAccess]:
         """Each provider's access: live (a key), emulator (no key, a local base URL), or off."""
@@ -211,6 +228,10 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("WAVECHAIN_API_TOKEN", "api_token", _secret),
     ("SHUTDOWN_GRACE_S", "shutdown_grace_s", _ranged(0, 600)),
     ("DRAIN_DELAY_S", "drain_delay_s", _ranged(0, 120)),
+    ("EVENT_MAX_TRIES", "event_max_tries", _ranged(1, 100)),
+    ("BODY_READ_TIMEOUT_S", "body_read_timeout_s", _ranged(1, 600)),
+    ("KEEPALIVE_TIMEOUT_S", "keepalive_timeout_s", _ranged(1, 3600)),
+    ("MAX_CONNECTIONS", "max_connections", _ranged(10, 1_000_000)),
     ("MAX_PIPELINE_STAGES", "max_pipeline_stages", _ranged(1, 10_000)),
     ("MAX_SPEC_BYTES", "max_spec_bytes", _ranged(1024, 16 * 1024 * 1024)),
     ("LIVENESS_FAILURE_S", "liveness_failure_s", _ranged(5, 86400)),

@@ -38,7 +38,9 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
     app = request.app  # a property: looked up once, not per use
     received_at = app[keys.CLOCK]()
     settings = app[keys.SETTINGS]
-    body = await read_capped(request, settings.max_webhook_bytes)
+    body = await read_capped(
+        request, settings.max_webhook_bytes, timeout_s=settings.body_read_timeout_s
+    )
     if body is None:
         log.warning("webhook.rejected", reason="too_large")
         return _error(413, f"body larger than {settings.max_webhook_bytes} bytes")

@@ -44,6 +44,7 @@ __all__ = [
     "WebhookOutcome",
     "open_store",
     "parse_database_url",
+    "unavailable",
 ]
 
 
@@ -77,6 +78,27 @@ def parse_database_url(url: str) -> DatabaseUrl:
     raise ConfigError(
         "DATABASE_URL must be sqlite:///PATH or postgresql://USER@HOST/DB, "
         f"got {scheme or 'no scheme'}://…"
+    )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True for an error that says the database cannot be reached or is busy now (worth
+    a 503 and a retry), not that the request was wrong."""
+    import sqlite3
+
+    import asyncpg
+
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return "locked" in text or "busy" in text or "disk i/o" in text or "full" in text
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError,
     )
 
 

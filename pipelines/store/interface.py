@@ -149,6 +149,9 @@ class Store(Protocol):
     async def hold_lease(self, name: str, holder: str, *, now: float, ttl_s: float) -> bool:
         """Take or renew the named lease for ``holder``; False while another holds it."""
 
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the named lease up (on shutdown), if ``holder`` holds it."""
+
     # retention
     async def prune(self, *, before: float) -> Pruned:
         """Delete deliveries, sent (or parked) events and ended runs' attempts older

@@ -780,6 +780,13 @@ class PostgresStore:
         )
         return _count(status) > 0
 
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "DELETE FROM leases WHERE name = $1 AND holder = $2", name, holder
+            )
+        )
+
     async def prune(self, *, before: float) -> Pruned:
         async def op(conn: Any) -> Pruned:
             deliveries = await conn.execute("DELETE FROM deliveries WHERE received_at < $1", before)

@@ -685,6 +685,13 @@ class SqliteStore:
         )
         return bool(count)
 
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._db.run(
+            lambda conn: conn.execute(
+                "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
+            )
+        )
+
     async def prune(self, *, before: float) -> Pruned:
         def op(conn: sqlite3.Connection) -> Pruned:
             deliveries = conn.execute(

@@ -11,10 +11,9 @@ import os
 import sys
 import time
 
-import aiohttp
 import anyio
 
-from pipelines.mirror import SINGLE_PUT_MAX, MirrorConfig, S3Mirror
+from pipelines.mirror import SINGLE_PUT_MAX, MirrorConfig, S3Mirror, mirror_session
 from service.aws import make_clients
 from service.settings import Settings
 from tests.bench.benches import rss_mib
@@ -27,12 +26,12 @@ def peak_mib() -> float:
 async def main(mode: str, url: str, endpoint: str, bucket: str, key: str) -> dict[str, float]:
     s3 = make_clients(Settings(aws_endpoint_url=endpoint)).s3  # as `serve` builds it
     s3.head_bucket(Bucket=bucket)  # warm the client before the baseline reading
-    async with aiohttp.ClientSession() as session:
+    async with mirror_session(allow_loopback=True) as session:
         before = peak_mib()
         started = time.perf_counter()
         if mode in ("stream", "multipart"):
             config = MirrorConfig(
-                bucket=bucket, allowed_hosts=("127.0.0.1",), max_bytes=2**34,
+                bucket=bucket, allowed_hosts=("127.0.0.1",), max_bytes=2**34, allow_loopback=True,
                 single_put_max=0 if mode == "multipart" else SINGLE_PUT_MAX,
             )  # fmt: skip
             mirror = S3Mirror(s3, session, config, limiter=anyio.CapacityLimiter(4))

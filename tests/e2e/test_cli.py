@@ -204,3 +204,26 @@ def test_retry_command(stack: str) -> None:
     assert again.returncode == 0, again.stderr
     stages = {s["name"]: s["attempt"] for s in json.loads(again.stdout)["stages"]}
     assert stages == {"image": 1, "video": 2, "mesh": 1}
+
+
+def test_serve_beyond_loopback_needs_a_token_or_an_explicit_opt_out(tmp_path: Path) -> None:
+    """Bound to 0.0.0.0 with no API token, `serve` refuses to start and says why; with a
+    token, or with --insecure-no-auth (logged as a warning), it serves."""
+    emu = "http://127.0.0.1:9"  # never reached: refused before anything starts
+    base = {"WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "DATABASE_URL":
+            f"sqlite:///{tmp_path}/s.db", "WAVESPEED_WEBHOOK_SECRETS": SECRET}  # fmt: skip
+    everywhere = "0.0.0.0"  # noqa: S104 - what the test is about
+    proc = cli("serve", "--host", everywhere, env={**base, "WAVECHAIN_PORT": str(free_port())})
+    assert proc.returncode == 2
+    assert "without WAVECHAIN_API_TOKEN" in proc.stderr and "--insecure-no-auth" in proc.stderr
+    for extra_args, extra_env in (
+        (["--insecure-no-auth"], {}),
+        ([], {"WAVECHAIN_API_TOKEN": "t0ken-for-the-test"}),
+    ):
+        port = free_port()
+        env = {**base, **extra_env, "WAVECHAIN_PORT": str(port)}
+        log = tmp_path / f"serve-{port}.log"
+        with wavechain("--log-json", "serve", "--host", everywhere, *extra_args, port=port,
+                       log=log, env=env):  # fmt: skip
+            assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        assert ("service.insecure_no_auth" in log.read_text()) == bool(extra_args)

@@ -62,16 +62,16 @@ async def make_wavechain(
     async def factory(emulator: Emulator | None = None, **overrides: Any) -> Wavechain:
         emulator = emulator or await make_emulator()
         port = free_port()
-        settings = Settings(
-            port=port,
-            database_url=f"sqlite:///{tmp_path}/state-{port}.db",
-            wavespeed_base_url=emulator.base_url,
-            aimlapi_base_url=emulator.base_url,
-            wavespeed_api_key=Secret("test-key"),
-            aimlapi_key=Secret("test-key"),
-            poll_interval_s=0.05,
-            **overrides,
-        )
+        defaults: dict[str, Any] = {
+            "port": port,
+            "database_url": f"sqlite:///{tmp_path}/state-{port}.db",
+            "wavespeed_base_url": emulator.base_url,
+            "aimlapi_base_url": emulator.base_url,
+            "wavespeed_api_key": Secret("test-key"),
+            "aimlapi_key": Secret("test-key"),
+            "poll_interval_s": 0.05,
+        }
+        settings = Settings(**{**defaults, **overrides})
         app = create_app(settings)
         await aiohttp_server(app, host="127.0.0.1", port=port)
         http = aiohttp.ClientSession()

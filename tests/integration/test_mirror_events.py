@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 from collections import Counter, defaultdict
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +17,13 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from pipelines.mirror import MirrorConfig, MirrorRejectedError, MirrorSourceError, S3Mirror
+from pipelines.mirror import (
+    MirrorConfig,
+    MirrorRejectedError,
+    MirrorSourceError,
+    S3Mirror,
+    mirror_session,
+)
 from service import keys
 from service.aws import make_clients
 from service.settings import Settings
@@ -176,13 +183,18 @@ async def test_output_over_size_cap_fails_stage(
 @pytest.fixture
 async def mirror(aws: AwsSandbox):
     s3 = make_clients(Settings(aws_endpoint_url=aws.endpoint)).s3  # configured as in `serve`
-    async with aiohttp.ClientSession() as session:
+    sessions: list[aiohttp.ClientSession] = []
 
-        def make(**config: Any) -> S3Mirror:
-            cfg = MirrorConfig(bucket=aws.bucket, **{"allowed_hosts": ("127.0.0.1",), **config})
-            return S3Mirror(s3, session, cfg, limiter=anyio.CapacityLimiter(4))
+    def make(**config: Any) -> S3Mirror:
+        defaults = {"allowed_hosts": ("127.0.0.1",), "allow_loopback": True}
+        cfg = MirrorConfig(bucket=aws.bucket, **{**defaults, **config})
+        session = mirror_session(allow_loopback=cfg.allow_loopback)  # as `serve` pairs them
+        sessions.append(session)
+        return S3Mirror(s3, session, cfg, limiter=anyio.CapacityLimiter(4))
 
-        yield make
+    yield make
+    for session in sessions:
+        await session.close()
 
 
 async def test_mirror_is_idempotent(
@@ -347,3 +359,136 @@ async def test_sns_outage_keeps_events_until_it_returns(
     for run_id in ids:
         stored = [e["id"] for e in await store.outbox(run_id)]
         assert per_run[run_id] == stored  # published in the order they were written
+
+
+async def test_an_oversized_event_and_a_refused_batch_are_parked_and_the_rest_go_once(
+    make_wavechain: WavechainFactory, aws: AwsSandbox
+) -> None:
+    """An event over SNS's 256 KiB limit is parked at once; an event whose batch SNS
+    refuses as a whole is isolated, retried alone and parked after EVENT_MAX_TRIES; each
+    run's later events still go out, and every other event is published exactly once
+    (no batch is published again because another failed)."""
+    import sqlite3
+    import time as _time
+
+    from tests.support.sns_gate import SnsGate
+
+    gate = SnsGate(aws.endpoint, marker="BOOM-BATCH")
+    await gate.start()
+    try:
+        wc = await make_wavechain(
+            aws_endpoint_url=gate.url, sns_topic_arn=aws.topic_arn,
+            event_max_tries=3, event_retry_base_s=0.05,
+        )  # fmt: skip
+        path = wc.app[keys.SETTINGS].database_url.removeprefix("sqlite:///")
+
+        def event(run_id: str, n: int, **extra: Any) -> tuple[str, str, str, str, float]:
+            body = {"version": 1, "id": f"evt_{run_id}_{n}", "type": "stage.succeeded",
+                    "run_id": run_id, "status": "succeeded", **extra}  # fmt: skip
+            return (body["id"], run_id, "stage.succeeded", json.dumps(body), _time.time())
+
+        with sqlite3.connect(path, timeout=30) as conn:
+            conn.executemany(
+                "INSERT INTO outbox (event_id, run_id, type, body, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    event("run_x", 1, note="x" * 300_000),  # over 256 KiB whatever is cut
+                    event("run_y", 1, note="BOOM-BATCH"),  # refused with its whole batch
+                    event("run_x", 2),
+                    event("run_y", 2),
+                ],
+            )
+        ids = [(await wc.create_run("image_video_3d"))["id"] for _ in range(3)]
+        for run_id in ids:
+            assert (await wc.wait(run_id))["status"] == "succeeded"
+        store = wc.app[keys.STORE]
+        async with asyncio.timeout(30):
+            while await store.pending_events(limit=100):
+                wc.app[keys.RELAY].notify()
+                await asyncio.sleep(0.1)
+        parked = {p["body"]["id"]: p for p in await store.parked_events()}
+        assert set(parked) == {"evt_run_x_1", "evt_run_y_1"}
+        assert "256 KiB" in parked["evt_run_x_1"]["error"]
+        assert "BatchRequestTooLong" in parked["evt_run_y_1"]["error"]
+        assert parked["evt_run_y_1"]["tries"] == 3
+        received = Counter(m["body"]["id"] for m in aws.receive())
+        stored = {e["id"] for e in await store.outbox()} - set(parked)
+        assert set(received) == stored and set(received.values()) == {1}
+        assert {"evt_run_x_2", "evt_run_y_2"} <= set(received)
+        assert gate.counts["refused"] >= 3
+    finally:
+        await gate.close()
+
+
+async def test_compressed_outputs_are_stored_as_served_and_counted(
+    make_emulator: EmulatorFactory, make_wavechain: WavechainFactory, aws: AwsSandbox
+) -> None:
+    """The provider's CDN serves outputs gzip-compressed (a 9 MiB video, Content-Length
+    the compressed size): they are stored as served, with their Content-Encoding and the
+    digest of the stored bytes, under a 2 MiB cap that counts the bytes downloaded."""
+    emulator = await make_emulator(output_encoding="gzip", large_output_bytes=9 * 1024 * 1024)
+    wc = await make_wavechain(emulator, mirror_max_bytes=2 * 1024 * 1024, **aws_settings(aws))
+    spec = {"stages": {"clip": {"model": T2V, "input": {"prompt": "x"}}}}
+    run = await wc.wait((await wc.create_run(spec))["id"], limit_s=60)
+    assert run["status"] == "succeeded", run
+    (key,) = aws.objects()
+    head = aws.objects()[key]
+    assert head["ContentEncoding"] == "gzip" and head["ContentType"] == "video/mp4"
+    stored = aws.s3.get_object(Bucket=aws.bucket, Key=key)["Body"].read()
+    url = run["stages"][0]["provider_outputs"][0]
+    async with aiohttp.ClientSession(auto_decompress=False) as raw, raw.get(url) as resp:
+        served = await resp.read()
+    assert stored == served and len(served) < 2 * 1024 * 1024
+    assert aws.sha256_tag(key) == hashlib.sha256(served).hexdigest()
+    import gzip
+
+    assert len(gzip.decompress(stored)) >= 9 * 1024 * 1024  # the whole video is in there
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("169.254.169.254", "link-local"),
+        ("10.1.2.3", "private"),
+        ("[::ffff:127.0.0.1]", "loopback"),
+        ("localhost", "loopback"),
+        ("127.0.0.1", "loopback"),
+    ],
+)
+async def test_outputs_from_private_addresses_are_refused(
+    mirror: Any, aws: AwsSandbox, host: str, why: str
+) -> None:
+    """An output URL on the allow-list that names, or resolves to, a private, loopback or
+    link-local address (cloud metadata) is refused without a request, as a permanent
+    failure; loopback only when no local endpoint is configured."""
+    m = mirror(allowed_hosts=("*",), allow_loopback=False)
+    with pytest.raises(MirrorRejectedError, match=why):
+        await m.copy(f"http://{host}:9/latest/x.png", stem="p/0", metadata={"task-id": "t"})
+    assert aws.objects() == {}
+
+
+async def test_a_redirect_into_a_private_address_is_refused(mirror: Any, aws: AwsSandbox) -> None:
+    """An allowed host redirecting to the metadata address (or to a name resolving there)
+    is refused at that hop."""
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])
+
+    app = web.Application()
+    app.router.add_get("/out.png", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        m = mirror(allowed_hosts=("*",), allow_loopback=True)  # the first hop is local
+        for target in ("http://169.254.169.254/latest/meta-data", "http://10.0.0.7/x.png"):
+            with pytest.raises(MirrorRejectedError, match=r"link-local|private"):
+                await m.copy(
+                    f"http://127.0.0.1:{port}/out.png?to={target}",
+                    stem="r/0",
+                    metadata={"task-id": "t"},
+                )
+    finally:
+        await runner.cleanup()
+    assert aws.objects() == {}

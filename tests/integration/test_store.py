@@ -419,6 +419,10 @@ async def test_a_named_lease_has_one_holder_at_a_time(store: Store) -> None:
     assert await store.hold_lease("relay", "b", now=120.0, ttl_s=10)
     assert not await store.hold_lease("relay", "a", now=121.0, ttl_s=10)
     assert await store.hold_lease("sweeper", "a", now=121.0, ttl_s=10)
+    await store.release_lease("sweeper", "b")  # not b's: nothing happens
+    assert not await store.hold_lease("sweeper", "b", now=122.0, ttl_s=10)
+    await store.release_lease("sweeper", "a")  # a stops: b takes over at once
+    assert await store.hold_lease("sweeper", "b", now=122.0, ttl_s=10)
 
 
 async def test_retention_prunes_old_rows_of_ended_work_only(store: Store) -> None:

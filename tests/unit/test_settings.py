@@ -40,6 +40,8 @@ def test_everything_parsed() -> None:
         ({"PUBLIC_BASE_URL": "hooks.example.com"}, "PUBLIC_BASE_URL must be an absolute"),
         ({"WAVESPEED_BASE_URL": "ftp://x"}, "WAVESPEED_BASE_URL must be an absolute"),
         ({"WAVESPEED_WEBHOOK_SECRETS": " , "}, "WAVESPEED_WEBHOOK_SECRETS: no secret"),
+        ({"WAVESPEED_WEBHOOK_SECRETS": "whsec_a,whsec_"}, "empty after its whsec_ prefix"),
+        ({"DATABASE_URL": "postgresql:///db"}, "names its host"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL must be sqlite"),
         ({"WEBHOOK_TOLERANCE_S": "0"}, "WEBHOOK_TOLERANCE_S must be in range"),
     ],

@@ -1,0 +1,61 @@
+"""An HTTP proxy in front of the local AWS endpoint that refuses, as a whole, any SNS
+PublishBatch request carrying a marker: what real SNS does with a batch it rejects
+(BatchRequestTooLong, an invalid parameter), which the local endpoint cannot be made to
+do. It counts what it saw."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import aiohttp
+from aiohttp import web
+
+REFUSAL = (
+    '<ErrorResponse xmlns="http://sns.amazonaws.com/doc/2010-03-31/"><Error>'
+    "<Type>Sender</Type><Code>BatchRequestTooLong</Code>"
+    "<Message>The length of all the messages put together is more than the limit.</Message>"
+    "</Error><RequestId>gate</RequestId></ErrorResponse>"
+)
+
+
+class SnsGate:
+    def __init__(self, upstream: str, marker: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.marker = marker.encode()
+        self.counts: Counter[str] = Counter()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._http = aiohttp.ClientSession(auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b"Action=PublishBatch" in body:
+            self.counts["batches"] += 1
+            if self.marker in body:
+                self.counts["refused"] += 1
+                return web.Response(status=400, text=REFUSAL, content_type="text/xml")
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._http.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as upstream:
+            data = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items()
+                   if k.lower() not in ("content-length", "transfer-encoding")}  # fmt: skip
+            return web.Response(status=upstream.status, body=data, headers=out)
