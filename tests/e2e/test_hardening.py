@@ -117,3 +117,28 @@ def test_a_trickled_body_is_cut_off_and_shutdown_stays_within_the_grace(tmp_path
         again.close()
     assert code == 0
     assert took < 1 + 3 + 1.5, f"shutdown took {took:.1f} s"
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path) -> None:
+    """MAX_CONNECTIONS idle connections held open: one more is closed by the server at
+    once; when one of the first closes, new connections are served again."""
+    emu_port, port = free_port(), free_port()
+    env = serve_env(f"http://127.0.0.1:{emu_port}", port, tmp_path / "state.db", SECRET,
+                    MAX_CONNECTIONS="10")  # fmt: skip
+    with wavechain("serve", port=port, log=tmp_path / "serve.log", env=env):
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(5)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            refused = extra.recv(100) == b""
+        except ConnectionResetError:
+            refused = True
+        extra.close()
+        held.pop().close()
+        time.sleep(0.3)
+        served = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code
+        for conn in held:
+            conn.close()
+    assert refused and served == 200
