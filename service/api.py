@@ -119,6 +119,18 @@ async def get_run(request: web.Request) -> web.Response:
     return web.json_response(await _run_json(request))
 
 
+async def run_events(request: web.Request) -> web.Response:
+    """The run's lifecycle events, in the order they were written (and published)."""
+    run_id = (await _run_json(request))["id"]
+    return web.json_response({"events": await request.app[keys.STORE].outbox(run_id)})
+
+
+async def run_deliveries(request: web.Request) -> web.Response:
+    """The webhook deliveries the run received, each with what it did (its effect)."""
+    run_id = (await _run_json(request))["id"]
+    return web.json_response({"deliveries": await request.app[keys.STORE].deliveries(run_id)})
+
+
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = (await _run_json(request))["id"]
     await request.app[keys.ENGINE].cancel(run_id)  # InvalidTransitionError: 409

@@ -24,6 +24,7 @@ from service.demo import run_demo
 from service.logs import configure_logging
 from service.serving import loop_factory, serve_until_signal
 from service.settings import Settings
+from service.supervisor import child_arguments, supervise
 from service.tail import Tail, filter_policy, tail
 
 log = structlog.get_logger("wavechain.cli")
@@ -157,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (default $WAVECHAIN_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default $WAVECHAIN_PORT or 8000)")
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serving processes sharing the port (SO_REUSEPORT), to use N cores (default 1)",
+    )
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the port with other serving processes (set by --processes)",
+    )
+    p.add_argument(
         "--insecure-no-auth",
         action="store_true",
         help="serve the REST API without WAVECHAIN_API_TOKEN on a non-loopback address",
@@ -281,7 +294,7 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
     raise AssertionError(args.command)
 
 
-def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def _serve(args: argparse.Namespace, env: Mapping[str, str], argv: Sequence[str]) -> int:
     settings = Settings.from_env(env)
     if args.host:
         settings = settings.replace(host=args.host)
@@ -295,9 +308,15 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 "Set WAVECHAIN_API_TOKEN, listen on 127.0.0.1, or pass --insecure-no-auth"
             )
         log.warning("service.insecure_no_auth", host=settings.host)
+    if args.processes > 1:
+        if not 2 <= args.processes <= 64:
+            raise ConfigError("--processes must be in range 1..64")
+        if settings.port == 0:
+            raise ConfigError("--processes needs a fixed port (not 0) to share")
+        return supervise(child_arguments(argv), args.processes, env)
     log.info("service.starting", host=settings.host, port=settings.port)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(serve_until_signal(settings))
+        runner.run(serve_until_signal(settings, reuse_port=args.reuse_port))
     return 0
 
 
@@ -339,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args.files)
         if args.command == "serve":
-            return _serve(args, env)
+            return _serve(args, env, sys.argv[1:] if argv is None else argv)
         if args.command == "events":
             return _events_tail(args, env)
         if args.command == "demo":

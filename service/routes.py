@@ -13,6 +13,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/runs", api.create_run)
     r.add_get("/v1/runs", api.list_runs)
     r.add_get("/v1/runs/{id}", api.get_run)
+    r.add_get("/v1/runs/{id}/events", api.run_events)
+    r.add_get("/v1/runs/{id}/deliveries", api.run_deliveries)
     r.add_post("/v1/runs/{id}/cancel", api.cancel_run)
     r.add_post("/v1/runs/{id}/retry", api.retry_run)
     r.add_get("/v1/pipelines", api.list_pipelines)

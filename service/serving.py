@@ -77,7 +77,7 @@ class CappedSite(web.TCPSite):
         )
 
 
-async def serve_until_signal(settings: Settings) -> None:
+async def serve_until_signal(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then shut down within the grace period (see above)."""
     app = create_app(settings)
     runner = web.AppRunner(
@@ -95,7 +95,11 @@ async def serve_until_signal(settings: Settings) -> None:
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
     site = CappedSite(
-        runner, settings.host, settings.port, max_connections=settings.max_connections
+        runner,
+        settings.host,
+        settings.port,
+        max_connections=settings.max_connections,
+        reuse_port=reuse_port or None,
     )
     await site.start()
     stop = asyncio.Event()

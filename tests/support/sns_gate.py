@@ -5,7 +5,9 @@ do. It counts what it saw."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from urllib.parse import parse_qs
 
 import aiohttp
 from aiohttp import web
@@ -19,10 +21,12 @@ REFUSAL = (
 
 
 class SnsGate:
-    def __init__(self, upstream: str, marker: str) -> None:
+    def __init__(self, upstream: str, marker: str | None = None) -> None:
         self.upstream = upstream.rstrip("/")
-        self.marker = marker.encode()
+        self.marker = marker.encode() if marker else None
         self.counts: Counter[str] = Counter()
+        #: How many times each event id was sent in a batch SNS took.
+        self.published: Counter[str] = Counter()
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -47,9 +51,13 @@ class SnsGate:
         body = await request.read()
         if b"Action=PublishBatch" in body:
             self.counts["batches"] += 1
-            if self.marker in body:
+            if self.marker is not None and self.marker in body:
                 self.counts["refused"] += 1
                 return web.Response(status=400, text=REFUSAL, content_type="text/xml")
+            form = parse_qs(body.decode())
+            for name, values in form.items():
+                if name.endswith(".Message"):
+                    self.published[json.loads(values[0]).get("id", "")] += 1
         assert self._http is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         async with self._http.request(
@@ -58,4 +66,12 @@ class SnsGate:
             data = await upstream.read()
             out = {k: v for k, v in upstream.headers.items()
                    if k.lower() not in ("content-length", "transfer-encoding")}  # fmt: skip
-            return web.Response(status=upstream.status, body=data, headers=out)
+            response = web.StreamResponse(status=upstream.status, headers=out)
+            # A HEAD answer carries the object's length and no body: pass it on as is.
+            length = upstream.headers.get("Content-Length")
+            response.content_length = int(length) if length is not None else len(data)
+            await response.prepare(request)
+            if request.method != "HEAD":
+                await response.write(data)
+            await response.write_eof()
+            return response
