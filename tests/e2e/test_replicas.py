@@ -108,7 +108,7 @@ def test_three_replicas_behind_nginx_survive_a_kill_and_a_rolling_restart(
             replicas = [
                 stack.enter_context(
                     replica(n, port, {**env, "WAVECHAIN_PORT": str(port)}, tmp_path)
-                )  # fmt: skip
+                )
                 for n, port in enumerate(ports)
             ]
             stack.enter_context(nginx_ingress(ingress, ports))
