@@ -18,6 +18,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -73,6 +74,61 @@ _MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 
 #: A run's (cancelled, mirror, version), as read from its row.
 _RunRow = tuple[Any, Any, Any]
+
+
+#: Filesystems shared between machines: SQLite's locking does not hold across them.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ceph",
+        "glusterfs",
+        "fuse.sshfs",
+        "9p",
+        "fuse.glusterfs",
+        "fuse.ceph",
+        "lustre",
+        "gpfs",
+        "afs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+    }
+)
+
+
+def filesystem_type(path: str, mounts: str) -> str | None:
+    """The type of the filesystem ``path`` is on, from a /proc/mounts table."""
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def refuse_network_filesystem(path: str, mounts: str | None = None) -> None:
+    """A SQLite file on a network filesystem (several pods sharing it) is refused."""
+    if path == ":memory:":
+        return
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return  # not Linux: nothing to tell from
+    folder = str(Path(path).resolve().parent)
+    kind = filesystem_type(folder, mounts)
+    if kind in NETWORK_FILESYSTEMS:
+        raise ConfigError(
+            f"DATABASE_URL: the SQLite file is on a network filesystem ({kind}), where its "
+            "locks do not hold between machines: use PostgreSQL for several pods"
+        )
 
 
 def sqlite_path(database_url: str) -> str:
@@ -137,6 +193,7 @@ class SqliteStore:
             raise ConfigError(
                 f"SQLite {sqlite3.sqlite_version} is too old: wavechain needs 3.35 or newer"
             )
+        refuse_network_filesystem(self._path)
         await anyio.to_thread.run_sync(self._db.start)
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import requests
 
 from tests.support.aws import sandbox
+from tests.support.postgres import Databases
 from tests.support.procs import free_port, serve_env, wavechain
 
 SECRET = "whsec_ZTJlLXNlY3JldC1rZXk="
@@ -31,13 +33,19 @@ def cli(
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`wavechain emulator` and `wavechain serve` as processes; yields the API URL."""
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`wavechain emulator` and `wavechain serve` as processes, on each store; yields the
+    API URL."""
     tmp = tmp_path_factory.mktemp("stack")
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
     env = serve_env(emu, port, tmp / "state.db", SECRET)
+    if request.param == "postgres":
+        databases: Databases = request.getfixturevalue("pg_databases")
+        env["DATABASE_URL"] = asyncio.run(databases.create())
     with (
         wavechain("emulator", "--port", str(emu_port), "--latency", "0.1",
                   "--webhook-secret", SECRET, port=emu_port, log=tmp / "emulator.log"),

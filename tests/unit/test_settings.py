@@ -50,3 +50,31 @@ def test_bad_values_named(env: dict[str, str], named: str) -> None:
     """A bad value raises ConfigError naming the variable."""
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(env)
+
+
+MOUNTS = """overlay / overlay rw 0 0
+proc /proc proc rw 0 0
+fs1:/export /var/lib/wavechain nfs4 rw 0 0
+/dev/sda1 /var/lib/wavechain/local ext4 rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [
+        ("/var/lib/wavechain/state.db", True),  # on the NFS mount
+        ("/var/lib/wavechain/local/state.db", False),  # a local disk mounted inside it
+        ("/tmp/state.db", False),
+        ("/var/lib/wavechainx/state.db", False),  # a sibling, not inside the mount
+    ],
+)
+def test_a_sqlite_file_on_a_network_filesystem_is_refused(path: str, refused: bool) -> None:
+    """Several pods never share one SQLite file: a network filesystem is refused, naming
+    it and PostgreSQL; a local one is fine."""
+    from pipelines.store.sqlite import refuse_network_filesystem
+
+    if refused:
+        with pytest.raises(ConfigError, match=r"network filesystem \(nfs4\).*PostgreSQL"):
+            refuse_network_filesystem(path, MOUNTS)
+    else:
+        refuse_network_filesystem(path, MOUNTS)
