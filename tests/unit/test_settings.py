@@ -64,7 +64,7 @@ fs1:/export /var/lib/wavechain nfs4 rw 0 0
     [
         ("/var/lib/wavechain/state.db", True),  # on the NFS mount
         ("/var/lib/wavechain/local/state.db", False),  # a local disk mounted inside it
-        ("/tmp/state.db", False),
+        ("/srv/state.db", False),
         ("/var/lib/wavechainx/state.db", False),  # a sibling, not inside the mount
     ],
 )
