@@ -83,6 +83,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         deadlines=Deadlines(settings.callback_timeout_s, settings.hard_timeout_factor),
         # The provider client's own timeout (30 s), and a margin.
         submit_timeout_s=60.0,
+        pool_size=settings.database_pool_size,
     )
     store = open_store(settings.database_url, config)
     await store.start()

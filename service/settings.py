@@ -26,6 +26,8 @@ class Settings:
     #: How the provider reaches the receiver (the ingress URL); default http://host:port.
     public_base_url: str | None = None
     database_url: str = "sqlite:///./.wavechain/state.db"
+    #: PostgreSQL: pooled connections per process.
+    database_pool_size: int = 10
     wavespeed_base_url: str = DEFAULT_WAVESPEED
     wavespeed_api_key: Secret | None = None
     #: Accepted webhook secrets (rotation); empty → fetched from the provider at start.
@@ -201,6 +203,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("WAVECHAIN_PORT", "port", _ranged(0, 65535)),
     ("PUBLIC_BASE_URL", "public_base_url", _url),
     ("DATABASE_URL", "database_url", _str),
+    ("DATABASE_POOL_SIZE", "database_pool_size", _ranged(2, 200)),
     ("WAVESPEED_BASE_URL", "wavespeed_base_url", _url),
     ("WAVESPEED_API_KEY", "wavespeed_api_key", _secret),
     ("WAVESPEED_WEBHOOK_SECRETS", "webhook_secrets", _secrets),

@@ -41,6 +41,8 @@ class StoreConfig:
     cached_runs: int = 2048
     #: Bytes of stored spec JSON the parsed-spec cache may stand for.
     cached_spec_bytes: int = 64 * 1024 * 1024
+    #: PostgreSQL: pooled connections per process (one more listens for the others).
+    pool_size: int = 10
 
 
 Listener = Callable[[], None]

@@ -98,12 +98,10 @@ class _Delivery:
 
 
 class PostgresStore:
-    def __init__(
-        self, database_url: str, config: StoreConfig | None = None, *, pool_size: int = 10
-    ) -> None:
+    def __init__(self, database_url: str, config: StoreConfig | None = None) -> None:
         self.config = config or StoreConfig()
         self._url = database_url
-        self._pool_size = pool_size
+        self._pool_size = self.config.pool_size
         self._pool: Any = None
         self._cache = RunCache(
             max_runs=self.config.cached_runs, max_spec_bytes=self.config.cached_spec_bytes

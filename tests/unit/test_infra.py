@@ -352,3 +352,83 @@ def test_the_manifests_match_the_kubernetes_schemas() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ERROR" not in result.stdout + result.stderr
+
+
+OVERLAY = INFRA / "k8s-postgres"
+
+
+def _kubectl() -> str:
+    """kubectl (for `kubectl kustomize`): found, or Debian's kubernetes-client installed."""
+    import os
+    import shutil
+
+    found = shutil.which("kubectl")
+    if found:
+        return found
+    assert os.geteuid() == 0 and shutil.which("apt-get"), "kubectl is missing"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "kubernetes-client"]
+    if subprocess.run(install, capture_output=True, env=env, check=False).returncode:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, check=True)
+        subprocess.run(install, capture_output=True, env=env, check=True)
+    found = shutil.which("kubectl")
+    assert found, "kubernetes-client installed no kubectl"
+    return found
+
+
+def _rendered(folder: Path) -> dict[str, dict[str, Any]]:
+    out = subprocess.run(
+        [_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = {}
+    for doc in yaml.safe_load_all(out):
+        assert doc["kind"] not in docs
+        docs[doc["kind"]] = doc
+    return docs
+
+
+def test_the_postgres_overlay_runs_replicas_that_roll_and_keep_a_quorum() -> None:
+    """Rendered: three or more replicas on the PostgreSQL URL from the Secret, no volume,
+    rolling updates that never take a replica away first, a disruption budget that keeps
+    two, an autoscaler that never goes below the replicas; the pod's environment parses."""
+    docs = _rendered(OVERLAY)
+    deployment = docs["Deployment"]
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 3
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert "PersistentVolumeClaim" not in docs
+    pod = spec["template"]["spec"]
+    assert "state" not in {v["name"] for v in pod["volumes"]}
+    container = _container(docs)
+    assert "/var/lib/wavechain" not in {m["mountPath"] for m in container["volumeMounts"]}
+    (url,) = [e for e in container["env"] if e["name"] == "DATABASE_URL"]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "wavechain-secrets", "key": "DATABASE_URL"}
+    env = _deployment_env(docs) | {"DATABASE_URL": "postgresql://wavechain@db.example.com/wc"}
+    settings = Settings.from_env(env)
+    assert settings.database_url.startswith("postgresql://") and settings.database_pool_size > 1
+    labels = pod_labels = spec["template"]["metadata"]["labels"]
+    pdb = docs["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert 1 <= pdb["minAvailable"] < spec["replicas"]
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["minReplicas"] >= spec["replicas"] and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert labels["app.kubernetes.io/name"] == "wavechain"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # red on drain
+
+
+def test_both_kustomizations_render_to_manifests_the_schemas_accept(tmp_path: Path) -> None:
+    """The base and the overlay, rendered, pass kubernetes-validate --strict."""
+    for name, folder in (("base", K8S), ("postgres", OVERLAY)):
+        out = subprocess.run(
+            [_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, check=True
+        ).stdout
+        (tmp_path / f"{name}.yaml").write_text(out)
+    result = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", "--quiet",
+         str(tmp_path / "base.yaml"), str(tmp_path / "postgres.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ERROR" not in result.stdout + result.stderr
