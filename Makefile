@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit fuzz lint format bench clean all
+.PHONY: install demo demo-cluster test test-unit fuzz lint format bench clean all
 
 all: lint test
 
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/wavechain demo
+
+# The same chain on PostgreSQL (the local server, or a throwaway one), three replicas
+# behind nginx (installed from Debian's packages if missing).
+demo-cluster: $(STAMP)
+	$(BIN)/python -m tests.support.cluster_demo
 
 test: $(STAMP)
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -p no:cacheprovider -q
