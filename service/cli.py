@@ -18,6 +18,7 @@ from aiohttp import web
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
 from pipelines.providers import is_loopback
+from pipelines.store import parse_database_url
 from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
 from service.demo import run_demo
@@ -313,6 +314,13 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], argv: Sequence[str]
             raise ConfigError("--processes must be in range 1..64")
         if settings.port == 0:
             raise ConfigError("--processes needs a fixed port (not 0) to share")
+        if parse_database_url(settings.database_url).backend == "sqlite":
+            # Measured (tests/bench/RESULTS.md, scale): two processes on one SQLite file
+            # made less than one, as every write waits for the file's one lock.
+            raise ConfigError(
+                "--processes needs DATABASE_URL=postgresql://…: on SQLite, several processes "
+                "share one write lock and made fewer deliveries/s than one process"
+            )
         return supervise(child_arguments(argv), args.processes, env)
     log.info("service.starting", host=settings.host, port=settings.port)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -5,9 +5,10 @@
 - Webhook deliveries queued in one turn of the event loop share one transaction (group
   commit, as on SQLite), read and written in bulk: a batch costs about ten round trips
   whatever its size. A batch that fails is run again one delivery per transaction.
-- A transition locks its run's row (``FOR UPDATE``, several runs in id order), so
-  transitions of one run are serialised across replicas; the version check stays as a
-  second guard. Deliveries, jobs and events are unique by constraint.
+- A transition from a job or the API locks its run's row (``FOR UPDATE``), so those of
+  one run are serialised across replicas; webhook batches read optimistically, and the
+  run's version check (every transition's guard) and the deliveries' key catch a race.
+  Deliveries, jobs and events are unique by constraint.
 - Jobs and due stages are claimed with ``FOR UPDATE SKIP LOCKED``.
 - A commit that adds jobs or events sends ``NOTIFY``; every replica listens, so work made
   ready on one is picked up by any within milliseconds.
@@ -68,8 +69,9 @@ from pipelines.transitions import (
 
 log = structlog.get_logger("wavechain.store")
 
-#: Most deliveries in one batch transaction.
+#: Most deliveries in one batch transaction, and batches in flight at once.
 MAX_BATCH = 256
+MAX_FLUSHES = 4
 
 _STAGES_OF_RUNS = (
     "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "
@@ -120,7 +122,12 @@ class PostgresStore:
 
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(
-            self._url, min_size=min(2, self._pool_size), max_size=self._pool_size
+            self._url,
+            min_size=min(2, self._pool_size),
+            max_size=self._pool_size,
+            # Plans for the values at hand: a generic plan chosen while a table was small
+            # (a hashed scan of deliveries, say) must not stay once it has grown.
+            server_settings={"plan_cache_mode": "force_custom_plan"},
         )
         async with self._pool.acquire() as conn:
             await migrate(conn)
@@ -366,12 +373,19 @@ class PostgresStore:
         return outcome
 
     def _start_flush(self) -> None:
+        # At most MAX_FLUSHES batches in flight: what arrives meanwhile waits for the next
+        # one, so that under load batches grow (one transaction, about ten round trips,
+        # for dozens of deliveries) instead of many small transactions contending.
+        if not self._pending or len(self._flushes) >= MAX_FLUSHES:
+            return
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        if self._pending:
-            asyncio.get_running_loop().call_soon(self._start_flush)
         task = asyncio.create_task(self._flush(batch))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._start_flush()
 
     async def _flush(self, batch: list[_Delivery]) -> None:
         try:
@@ -404,20 +418,24 @@ class PostgresStore:
 
     async def _deliver(self, conn: Any, batch: Sequence[_Delivery]) -> list[WebhookOutcome]:
         hashes = [d.token_hash for d in batch]
-        # Lock the runs the tokens name, then read the attempts: what the attempts say
-        # (a task id just recorded by a submit) is then as of the lock.
-        runs = await self._lock_runs_of_tokens(conn, hashes)
+        # One statement reads all the batch needs: each token's attempt, its run's
+        # version, and whether the webhook-id was recorded. Optimistic, with no row lock:
+        # the run's version guards its write and the deliveries' key guards the record;
+        # a batch that loses a race is rolled back and its deliveries are run again
+        # one by one (where a duplicate is then seen as one).
         rows = await conn.fetch(
             "SELECT w.i, a.run_id, a.stage, a.attempt, a.task_id, a.state, a.created_at, "
             "EXISTS (SELECT 1 FROM deliveries d WHERE d.provider = w.provider "
-            "AND d.webhook_id = w.webhook_id) "
+            "AND d.webhook_id = w.webhook_id), r.cancelled, r.mirror, r.version "
             "FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY "
             "AS w(token_hash, provider, webhook_id, i) "
-            "LEFT JOIN attempts a ON a.token_hash = w.token_hash ORDER BY w.i",
+            "LEFT JOIN attempts a ON a.token_hash = w.token_hash "
+            "LEFT JOIN runs r ON r.id = a.run_id ORDER BY w.i",
             hashes,
             [d.provider for d in batch],
             [d.webhook_id for d in batch],
         )
+        runs = {r[1]: (r[8], r[9], r[10]) for r in rows if r[10] is not None}
         await self._pipelines(conn, list(runs))
         states = await self._states(conn, runs)
         writes = Writes()
@@ -487,16 +505,6 @@ class PostgresStore:
         for run_id, version in ((r, v[4]) for r, v in writes.runs.items()):
             self._cache.remember(states[run_id][0], version + 1)
         return outcomes
-
-    async def _lock_runs_of_tokens(
-        self, conn: Any, hashes: Sequence[str]
-    ) -> dict[str, tuple[Any, ...]]:
-        rows = await conn.fetch(
-            "SELECT id, cancelled, mirror, version FROM runs WHERE id IN "
-            "(SELECT run_id FROM attempts WHERE token_hash = ANY($1)) ORDER BY id FOR UPDATE",
-            list(hashes),
-        )
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     # submit jobs --------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """`make bench`: each benchmark beside its baseline in the same run; medians and ratios.
 
 Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
-Run one with `python -m tests.bench receiver`. Benchmarks so far: receiver, handoff, mirror, events.
+Run one with `python -m tests.bench receiver`. Benchmarks: receiver, handoff, pipeline, mirror, events, scale.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.bench import benches, pipeline
+from tests.bench import benches, pipeline, scale
 
 HERE = Path(__file__).parent
 ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
@@ -24,6 +24,7 @@ ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
     "pipeline": pipeline.pipeline,
     "mirror": benches.mirror,
     "events": benches.events,
+    "scale": scale.scale,
 }
 
 

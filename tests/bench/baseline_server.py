@@ -1,7 +1,9 @@
 """Baseline receivers for the throughput benchmark: a bare 200, signature-verify only, and
-the hand-rolled receiver the issue describes (verify, then a group-committed SQLite insert).
+the hand-rolled receivers the issues describe: verify, then a group-committed insert of
+the delivery into SQLite (``record``) or PostgreSQL (``pgrecord``), answered after COMMIT.
 
-Usage: python -m tests.bench.baseline_server PORT bare|verify|record SECRET [DB]
+Usage: python -m tests.bench.baseline_server PORT bare|verify|record|pgrecord SECRET [DB]
+(DB: the SQLite file, or the PostgreSQL URL)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pipelines.errors import WebhookVerificationError
 from pipelines.secrets import Secret
 
 #: The baselines this module serves (its second argument).
-MODES = ("bare", "verify", "record")
+MODES = ("bare", "verify", "record", "pgrecord")
 
 
 class _Recorder:
@@ -94,6 +96,59 @@ class _Recorder:
         conn.close()
 
 
+class _PgRecorder:
+    """The least a durable PostgreSQL receiver does: the deliveries queued during a turn of
+    the event loop inserted in one transaction (one statement, unnest), each caller
+    answered after its COMMIT; several batches in flight on a pool of connections."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._pool: Any = None
+        self._pending: list[tuple[Any, ...]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        import asyncpg
+
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=2, max_size=8)
+        await self._pool.execute(
+            "CREATE TABLE IF NOT EXISTS deliveries (webhook_id TEXT PRIMARY KEY, "
+            "token TEXT NOT NULL, body BYTEA NOT NULL, received_at DOUBLE PRECISION NOT NULL)"
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._pool.close()
+
+    def record(self, webhook_id: str, token: str, body: bytes) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((webhook_id, token, body, time.time(), future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._commit(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _commit(self, batch: list[tuple[Any, ...]]) -> None:
+        error: Exception | None = None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO deliveries SELECT * FROM unnest($1::text[], $2::text[], "
+                    "$3::bytea[], $4::float8[]) ON CONFLICT DO NOTHING",
+                    [d[0] for d in batch], [d[1] for d in batch], [d[2] for d in batch],
+                    [d[3] for d in batch],
+                )  # fmt: skip
+        except Exception as exc:  # every waiting request gets a 500, none hangs
+            error = exc
+        _resolve([d[4] for d in batch], error)
+
+
 def _resolve(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
     for future in futures:
         if future.done():
@@ -110,8 +165,14 @@ def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
         raise ValueError(f"unknown mode {mode!r}: {', '.join(MODES)}")
     if mode == "record" and not db:
         raise ValueError("record needs the SQLite file's path")
+    if mode == "pgrecord" and not db:
+        raise ValueError("pgrecord needs the PostgreSQL URL")
     secrets = [Secret(secret)]
-    recorder = _Recorder(db) if mode == "record" and db else None
+    recorder: Any = None
+    if mode == "record" and db:
+        recorder = _Recorder(db)
+    elif mode == "pgrecord" and db:
+        recorder = _PgRecorder(db)
 
     async def bare(request: web.Request) -> web.Response:
         await request.read()
@@ -128,7 +189,15 @@ def make_app(mode: str, secret: str, db: str | None = None) -> web.Application:
         return web.json_response({"ok": True})
 
     app = web.Application()
-    if recorder is not None:
+    if isinstance(recorder, _PgRecorder):
+
+        async def pg_ctx(_: web.Application) -> Any:
+            await recorder.start()
+            yield
+            await recorder.close()
+
+        app.cleanup_ctx.append(pg_ctx)
+    elif recorder is not None:
 
         async def close(_: web.Application) -> None:
             recorder.close()

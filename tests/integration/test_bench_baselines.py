@@ -46,3 +46,28 @@ async def test_hand_rolled_receiver_records_each_delivery_once(
     assert forged.status == 401
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 3
+
+
+async def test_hand_rolled_postgres_receiver_records_each_delivery_once(
+    aiohttp_client: AiohttpClient, pg_url: str
+) -> None:
+    """The PostgreSQL baseline: each verified delivery committed before the 200, once."""
+    import asyncpg
+
+    client = await aiohttp_client(make_app("pgrecord", SECRET, pg_url))
+    bodies = {f"msg_{i}": f'{{"id":"task_{i}"}}'.encode() for i in range(3)}
+    for webhook_id, body in [*bodies.items(), ("msg_0", bodies["msg_0"])]:
+        response = await client.post(
+            "/webhooks/wavespeed/tok", data=body, headers=_signed(body, webhook_id)
+        )
+        assert response.status == 200
+        conn = await asyncpg.connect(pg_url)
+        try:
+            rows = {
+                r[0]: bytes(r[1])
+                for r in await conn.fetch("SELECT webhook_id, body FROM deliveries")
+            }
+        finally:
+            await conn.close()
+        assert rows[webhook_id] == body
+    assert rows == bodies
