@@ -1,7 +1,7 @@
 """`make bench`: each benchmark beside its baseline in the same run; medians and ratios.
 
 Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
-Run one with `python -m tests.bench receiver`. Benchmarks: receiver, handoff, pipeline, mirror, events, scale.
+Run one with `python -m tests.bench receiver` (or handoff, pipeline, mirror, events, scale).
 """
 
 from __future__ import annotations

@@ -222,9 +222,10 @@ def handoff_replicas(work: Path) -> dict[str, Any]:
             logs.append(work / f"{name}.log")
         for _ in range(runs):
             run = requests.post(f"{public}/v1/runs", json={"pipeline": CHAIN}, timeout=10).json()
-            while requests.get(f"{public}/v1/runs/{run['id']}", timeout=10).json()[
-                "status"
-            ] == "running":
+            while (
+                requests.get(f"{public}/v1/runs/{run['id']}", timeout=10).json()["status"]
+                == "running"
+            ):
                 time.sleep(0.02)
         time.sleep(0.5)
     on_a, on_b = _since_due(logs[0]), _since_due(logs[1])
