@@ -866,4 +866,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"Ratio: {e['ratio']}.",
             "",
         ]
+    if "scale" in results:
+        from tests.bench.scale import markdown as scale_markdown
+
+        lines += scale_markdown(results["scale"])
     return "\n".join(lines)

@@ -324,3 +324,68 @@ def scale(work: Path) -> dict[str, Any]:
         "handoff_replicas": handoff_replicas(work),
         "runs_on_replicas": runs_on_replicas(work),
     }
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    """RESULTS.md's section 6."""
+    r, h, p = result["receiver_pg"], result["handoff_replicas"], result["runs_on_replicas"]
+    med, p99 = r["rps_median"], r["p99_ms_median"]
+
+    def each(key: str) -> str:
+        return ", ".join(str(x) for x in r[key]["each"])
+
+    rows = [
+        ("verify signature only", "verify"),
+        ("hand-rolled PostgreSQL receiver: verify, then a batched insert, answer after COMMIT",
+         "pgrecord"),
+        ("wavechain on PostgreSQL, INFO as deployed", "wavechain_pg"),
+        ("wavechain on PostgreSQL, `--processes 2`", "wavechain_pg_x2"),
+        ("wavechain on SQLite, INFO", "wavechain_sqlite"),
+        ("two wavechain processes on one SQLite file (refused by `--processes`)",
+         "wavechain_sqlite_x2"),
+    ]  # fmt: skip
+    return [
+        "## 6. Scale-out: PostgreSQL, processes, replicas",
+        "",
+        f"Receiver: the same signed deliveries ({r['loadgen']}, 64 connections, 5 s, "
+        f"{len(r['raw']['verify'])} repetitions, targets rotating), on PostgreSQL 15 on this "
+        "machine (durable commits).",
+        "",
+        "| target | deliveries/s | p99 ms |",
+        "|---|---:|---:|",
+        *(f"| {label} | {med[key]} | {p99[key]} |" for label, key in rows),
+        "",
+        f"- wavechain on PostgreSQL / hand-rolled PostgreSQL receiver: "
+        f"**{r['wavechain_pg_vs_pgrecord']['median']}** (each repetition: "
+        f"{each('wavechain_pg_vs_pgrecord')}); goal ≥ 0.6. The hand-rolled one made "
+        f"{r['pgrecord_vs_verify']['median']} of verify-only.",
+        f"- wavechain on SQLite / hand-rolled PostgreSQL receiver: "
+        f"{r['wavechain_sqlite_vs_pgrecord']['median']} ({each('wavechain_sqlite_vs_pgrecord')}).",
+        f"- `--processes 2` / 1 on PostgreSQL: {r['pg_processes_2_vs_1']['median']} "
+        f"({each('pg_processes_2_vs_1')}): two cores shared with wrk and PostgreSQL itself, "
+        "so a second process has no core of its own here.",
+        f"- two processes / one on one SQLite file: {r['sqlite_processes_2_vs_1']['median']} "
+        f"({each('sqlite_processes_2_vs_1')}): every write waits for the file's one lock, "
+        "so `serve --processes` is refused on SQLite.",
+        f"- Errors: {r['errors']}. Acknowledged by wavechain on PostgreSQL: "
+        f"{r['accepted_2xx_wavechain_pg']}; recorded: {r['recorded']['wavechain_pg']}.",
+        "",
+        f"Hand-off across replicas: two replicas on one database, every callback to replica "
+        f"A; {h['handoffs']} hand-offs (callback received → next submit leaves), "
+        f"{h['submitted_by']['b_other_replica']} of them submitted by the other replica "
+        f"(woken by NOTIFY): p50 **{h['p50_ms']} ms**, p99 **{h['p99_ms']} ms** (goal ≤ 10 / "
+        f"≤ 100); by the other replica alone p50 {h['other_replica_p50_ms']}, p99 "
+        f"{h['other_replica_p99_ms']} ms.",
+        "",
+        f"{p['runs']} three-stage runs (S3 mirror and SNS events on, moto): three replicas "
+        f"on PostgreSQL behind nginx {p['runs_per_s']['replicas_pg']} runs/s, one process on "
+        f"SQLite {p['runs_per_s']['single_sqlite']} runs/s (ratio "
+        f"{p['ratio_replicas_vs_single']}); RSS per replica after "
+        f"{p['rss_mib_per_replica_after']} MiB, the single process "
+        f"{p['rss_mib_single_after']} MiB; {p['failed_runs']} runs failed. On two cores "
+        "shared by the replicas, PostgreSQL, moto and the emulator, three replicas add "
+        "processes, not cores.",
+        "",
+        "Reproduce: `.venv/bin/python -m tests.bench scale` (about 6 minutes).",
+        "",
+    ]

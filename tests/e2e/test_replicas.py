@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -183,3 +185,48 @@ def _wait_published(api: str, gate: SnsGate, ids: list[str]) -> list[dict[str, A
         if all(gate.published[e["id"]] for e in events) or time.monotonic() > deadline:
             return events
         time.sleep(0.5)
+
+
+def test_processes_share_one_port_on_postgres_and_are_refused_on_sqlite(
+    tmp_path: Path, pg_databases: Databases
+) -> None:
+    """`serve --processes 2` on PostgreSQL: two serving processes behind one port, runs
+    complete, SIGTERM stops them all cleanly. On SQLite it is refused, saying why."""
+    emu_port, port = free_port(), free_port()
+    emu = f"http://127.0.0.1:{emu_port}"
+    base = {"WAVESPEED_BASE_URL": emu, "AIMLAPI_BASE_URL": emu, "WAVESPEED_WEBHOOK_SECRETS":
+            SECRET, "WAVECHAIN_PORT": str(port)}  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--processes", "2"],
+        env={**os.environ, **base, "DATABASE_URL": f"sqlite:///{tmp_path}/s.db"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--processes needs DATABASE_URL=postgresql" in (
+        refused.stderr
+    )
+    env = {**base, "DATABASE_URL": asyncio.run(pg_databases.create())}
+    log = tmp_path / "serve.log"
+    with (
+        wavechain("emulator", "--port", str(emu_port), "--latency", "0.1", "--webhook-secret",
+                  SECRET, port=emu_port, log=tmp_path / "emu.log"),
+        wavechain("--log-json", "serve", "--processes", "2", port=port, log=log, env=env) as sup,
+    ):  # fmt: skip
+        api = f"http://127.0.0.1:{port}"
+        ids = [
+            requests.post(f"{api}/v1/runs", json={"pipeline": "image_video_3d"}, timeout=10).json()[
+                "id"
+            ]
+            for _ in range(6)
+        ]
+        deadline = time.monotonic() + 60
+        while any(r["status"] == "running" for r in _runs(api, ids)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        statuses = {r["status"] for r in _runs(api, ids)}
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    (started,) = [line for line in lines if line["event"] == "service.processes"]
+    ready = [line for line in lines if line["event"] == "service.ready"]
+    assert statuses == {"succeeded"} and len(started["pids"]) == 2 and len(ready) == 2
+    assert len([line for line in lines if line["event"] == "service.stopped"]) == 2
