@@ -9,7 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-DOCS = ["README.md", "docs/benchmarks.md", "infra/README.md"]
+DOCS = [
+    "README.md",
+    "docs/benchmarks.md",
+    "docs/configuration.md",
+    "docs/reliability.md",
+    "infra/README.md",
+]
 
 
 def test_readme_is_short_and_has_the_sections_a_newcomer_needs() -> None:
@@ -33,3 +39,16 @@ def test_links_stay_inside_the_repository_and_resolve(doc: str) -> None:
         resolved = (path.parent / target.split("#")[0]).resolve()
         assert resolved.is_relative_to(ROOT), f"{doc} links outside the repository: {target}"
         assert resolved.exists(), f"{doc} links to a missing file: {target}"
+
+
+def test_every_variable_the_service_reads_is_documented() -> None:
+    """docs/configuration.md names each variable Settings reads, and nothing it does not."""
+    import re as _re
+
+    from service.settings import _VARIABLES
+
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    documented = set(_re.findall(r"`([A-Z][A-Z0-9_]+)`", text))
+    read = {name for name, _, _ in _VARIABLES}
+    assert read - documented == set()
+    assert documented - read == set()
