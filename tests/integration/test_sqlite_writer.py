@@ -132,3 +132,34 @@ def test_migrations_apply_once_in_order_even_from_several_processes_at_once(
             migrate(conn, steps[:1])
     finally:
         conn.close()
+
+
+async def test_reads_do_not_wait_behind_a_blocked_writer(tmp_path: Path) -> None:
+    """Another process holds the write lock: a write waits for it, but a page of runs and
+    a run are read at once on their own connections, not queued behind the writer."""
+    from pipelines import spec as specs
+    from pipelines.store import StoreConfig
+    from pipelines.store.sqlite import SqliteStore
+
+    pipeline = specs.parse(
+        {"stages": {"a": {"model": "wavespeed-ai/hunyuan-image-2.1", "input": {"prompt": "x"}}}},
+        where="t",
+    )
+    path = tmp_path / "s.db"
+    store = SqliteStore(f"sqlite:///{path}", StoreConfig())
+    await store.start()
+    holder = connect(str(path))
+    try:
+        run_id = await store.create_run(pipeline, {}, now=100.0)
+        holder.execute("BEGIN IMMEDIATE")
+        write = asyncio.ensure_future(store.create_run(pipeline, {}, now=101.0))
+        await asyncio.sleep(0.2)
+        page = await asyncio.wait_for(store.list_runs(limit=10), 2)
+        run = await asyncio.wait_for(store.get_run(run_id), 2)
+        assert not write.done()
+        assert [r.id for r in page.runs] == [run_id] and run is not None
+        holder.execute("ROLLBACK")
+        await asyncio.wait_for(write, 10)
+    finally:
+        holder.close()
+        await store.close()
