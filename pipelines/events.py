@@ -266,7 +266,10 @@ class OutboxRelay:
         """Publish rounds of pending events until none is due; True if any was sent.
 
         A round takes the oldest due event of up to ``10 * parallel`` distinct runs and
-        publishes them as concurrent batches. Raises PublishError when SNS or the network
+        publishes them as concurrent batches, each marked sent as soon as SNS took it (a
+        relay killed mid-round publishes again only what was in flight). Before each
+        round the relay lease is renewed; a relay that lost it (it was too slow) stops,
+        so two never publish the same events. Raises PublishError when SNS or the network
         failed (nothing is counted against the messages).
         """
         pending = await self._store.pending_events(limit=2000)
@@ -276,11 +279,12 @@ class OutboxRelay:
             wave = next_batch(pending, now=now, limit=_BATCH * self._parallel)
             if not wave:
                 return sent_any
-            sent, failed, transport = await self._publish_wave(wave, now)
-            if sent:
-                await self._store.mark_sent(sent, now=self._clock())
-                self.published += len(sent)
-                sent_any = True
+            if not await self._store.hold_lease(
+                "relay", self._holder, now=now, ttl_s=self._lease_s
+            ):
+                return sent_any
+            sent, failed, transport = await self._publish_wave(wave)
+            sent_any = sent_any or bool(sent)
             if failed:
                 await self._record_failures(wave, failed)
             if transport is not None:  # what went through is marked; the rest waits
@@ -291,9 +295,10 @@ class OutboxRelay:
                 return sent_any
 
     async def _publish_wave(
-        self, wave: Sequence[OutboxRow], now: float
+        self, wave: Sequence[OutboxRow]
     ) -> tuple[list[int], dict[int, tuple[str, bool]], BaseException | None]:
-        """(sent, failed messages, the error of SNS or the network that stopped a batch)."""
+        """(sent and marked, failed messages, the error of SNS or the network that stopped
+        a batch)."""
         entries: list[dict[str, Any]] = []
         failed: dict[int, tuple[str, bool]] = {}
         for row in wave:
@@ -303,7 +308,7 @@ class OutboxRelay:
                 continue
             entries.append(self._publisher.entry(row.seq, row.run_id, body))
         answers = await asyncio.gather(
-            *(self._publish_batch(batch) for batch in pack(entries)), return_exceptions=True
+            *(self._publish_and_mark(batch) for batch in pack(entries)), return_exceptions=True
         )
         sent: list[int] = []
         transport: BaseException | None = None
@@ -314,6 +319,13 @@ class OutboxRelay:
             sent.extend(answer.sent)
             failed.update(answer.failed)
         return sent, failed, transport
+
+    async def _publish_and_mark(self, batch: list[dict[str, Any]]) -> Published:
+        published = await self._publish_batch(batch)
+        if published.sent:
+            await self._store.mark_sent(published.sent, now=self._clock())
+            self.published += len(published.sent)
+        return published
 
     async def _publish_batch(self, batch: list[dict[str, Any]]) -> Published:
         try:

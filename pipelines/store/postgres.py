@@ -393,18 +393,32 @@ class PostgresStore:
         except Exception:
             # One bad delivery must not fail the others: each in its own transaction.
             for delivery in batch:
-                try:
-                    (outcome,) = await self._tx_batch([delivery])
-                except Exception as exc:
-                    if not delivery.future.done():
-                        delivery.future.set_exception(exc)
-                    continue
-                if not delivery.future.done():
-                    delivery.future.set_result(outcome)
+                await self._deliver_alone(delivery)
             return
         for delivery, outcome in zip(batch, outcomes, strict=True):
             if not delivery.future.done():
                 delivery.future.set_result(outcome)
+
+    async def _deliver_alone(self, delivery: _Delivery) -> None:
+        """One delivery in its own transaction; a race lost to a busy run is run again
+        (twice at most), any other error goes to its caller."""
+        for tries in range(3):
+            try:
+                (outcome,) = await self._tx_batch([delivery])
+            except ConcurrentUpdateError as exc:
+                if tries == 2:
+                    if not delivery.future.done():
+                        delivery.future.set_exception(exc)
+                    return
+                await asyncio.sleep(0.01 * (tries + 1))
+                continue
+            except Exception as exc:
+                if not delivery.future.done():
+                    delivery.future.set_exception(exc)
+                return
+            if not delivery.future.done():
+                delivery.future.set_result(outcome)
+            return
 
     async def _tx_batch(self, batch: Sequence[_Delivery]) -> list[WebhookOutcome]:
         self.batches += 1

@@ -53,6 +53,17 @@ class Writes:
         self.events.extend((e.event_id, run_id, e.type, json.dumps(e.body), now) for e in t.events)
 
     async def flush(self, conn: Any) -> None:
+        if self.runs:
+            # Every transaction locks a run's row before its stages' rows, in run id
+            # order, so that two never wait on each other the other way round (a deadlock);
+            # a run changed since it was read is a lost race, retried by the caller.
+            ids = sorted(self.runs)
+            rows = await conn.fetch(
+                "SELECT id, version FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE", ids
+            )
+            stale = sorted(r[0] for r in rows if r[1] != self.runs[r[0]][4])
+            if stale or len(rows) != len(ids):
+                raise ConcurrentUpdateError(f"runs {stale or ids} changed concurrently; try again")
         if self.stages:
             await conn.executemany(
                 "UPDATE stages SET status = $1, attempt = $2, task_id = $3, outputs = $4, "

@@ -39,7 +39,10 @@ class SnsGate:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._http = aiohttp.ClientSession(auto_decompress=False)
+        # The local endpoint closes every connection after one answer: never reuse one.
+        self._http = aiohttp.ClientSession(
+            auto_decompress=False, connector=aiohttp.TCPConnector(force_close=True)
+        )
 
     async def close(self) -> None:
         if self._http is not None:
