@@ -77,11 +77,11 @@ def test_a_trickled_body_is_cut_off_and_shutdown_stays_within_the_grace(tmp_path
         BODY_READ_TIMEOUT_S="2", DRAIN_DELAY_S="1", SHUTDOWN_GRACE_S="3",
     )  # fmt: skip
     with (
-        wavechain("emulator", "--port", str(emu_port), "--latency", "30", "--webhook-secret",
+        wavechain("emulator", "--port", str(emu_port), "--latency", "8", "--webhook-secret",
                   SECRET, port=emu_port, log=tmp_path / "emu.log"),
         wavechain("serve", port=port, log=tmp_path / "serve.log", env=env) as proc,
     ):  # fmt: skip
-        # A synchronous Hunyuan Image 3 call that takes 30 s: a job still running at the end.
+        # A synchronous Hunyuan Image 3 call that takes 8 s: a job still running at the end.
         spec: Any = {"stages": {"k": {"model": "hunyuan/hunyuan-image-v3-text-to-image",
                                  "input": {"prompt": "x"}}}}  # fmt: skip
         requests.post(f"http://127.0.0.1:{port}/v1/runs", json={"pipeline": spec}, timeout=10)
