@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-cluster test test-unit fuzz lint format bench clean all
+.PHONY: install assets demo demo-cluster test test-unit fuzz lint format bench clean all
 
 all: lint test
 
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The dashboard's front-end packages, from the npm registry (versions in
+# dashboard/package-lock.json), into service/static/vendor with their licences. The
+# result is committed, so installing wavechain needs no Node.js.
+assets:
+	cd dashboard && npm ci --no-audit --no-fund && node build.mjs
 
 demo: $(STAMP)
 	$(BIN)/wavechain demo

@@ -247,6 +247,7 @@ async def _stream(request: web.Request, stored: StoredFile, filename: str) -> we
                 "Content-Type": stored.content_type,
                 "Content-Encoding": "gzip",
                 "Content-Disposition": f'inline; filename="{filename}"',
+                "Access-Control-Allow-Origin": "*",
             },
         )
     response = web.StreamResponse(
@@ -254,6 +255,8 @@ async def _stream(request: web.Request, stored: StoredFile, filename: str) -> we
             "Content-Type": stored.content_type,
             "Content-Length": str(stored.size),
             "Content-Disposition": f'inline; filename="{filename}"',
+            # As a CDN serving public outputs does: a browser page may fetch them.
+            "Access-Control-Allow-Origin": "*",
         }
     )
     await response.prepare(request)

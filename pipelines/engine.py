@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -358,6 +358,15 @@ class Engine:
         ]
         await self.store.accept_attempt(job, token, task_id, events, now=self._clock())
         log.info("stage.completed_sync", task_id=task_id, outputs=len(outputs))
+
+    async def preview_urls(
+        self, mirrored: Sequence[str], outputs: Sequence[str], *, expires_s: int = 3600
+    ) -> list[str]:
+        """URLs a browser may fetch a stage's outputs from: presigned URLs of our copies,
+        else the provider's own (http ones: inline outputs have none)."""
+        if self._mirror is not None and mirrored:
+            return [await self._mirror.presign(uri, expires_s=expires_s) for uri in mirrored]
+        return [o for o in outputs if o.startswith(("http://", "https://"))]
 
     async def _inputs_from(self, stage: StageState) -> list[str]:
         """What a downstream stage receives: presigned URLs of our copies, or provider URLs."""

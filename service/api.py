@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from importlib import resources
@@ -9,8 +10,10 @@ from typing import Any
 
 import anyio.to_thread
 from aiohttp import web
+from aiohttp_sse import sse_response
 
 from pipelines import spec as specs
+from pipelines.catalog import get_model
 from pipelines.errors import PipelineTooLargeError, SpecError
 from service import keys
 from service.bodies import read_capped
@@ -100,7 +103,10 @@ async def list_runs(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE:
         raise SpecError(f"limit: must be in range 1..{MAX_PAGE}, got {limit}")
     page = await request.app[keys.STORE].list_runs(
-        limit=limit, status=status, cursor=request.query.get("cursor") or None
+        limit=limit,
+        status=status,
+        pipeline=request.query.get("pipeline") or None,
+        cursor=request.query.get("cursor") or None,
     )
     return web.json_response(
         {"runs": [r.as_json() for r in page.runs], "next_cursor": page.next_cursor}
@@ -115,8 +121,63 @@ async def _run_json(request: web.Request) -> dict[str, Any]:
     return view.as_json()
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise SpecError(f"{name}: must be true or false")
+    return value in ("true", "1")
+
+
+async def _with_previews(request: web.Request, run: dict[str, Any]) -> dict[str, Any]:
+    """Each stage gains ``previews``: URLs a browser may load its outputs from, with the
+    kind of media each is (presigned URLs of the mirrored copies where there are some)."""
+    engine = request.app[keys.ENGINE]
+    for stage in run["stages"]:
+        model = get_model(stage["model"])
+        kind = model.output if model is not None else "file"
+        urls = await engine.preview_urls(stage["mirrored_outputs"], stage["provider_outputs"])
+        stage["previews"] = [{"url": url, "kind": kind} for url in urls]
+    return run
+
+
 async def get_run(request: web.Request) -> web.Response:
-    return web.json_response(await _run_json(request))
+    """The run; with ``previews=true``, each stage's previewable outputs too."""
+    run = await _run_json(request)
+    if _flag(request, "previews"):
+        run = await _with_previews(request, run)
+    return web.json_response(run)
+
+
+async def run_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the run (as GET /v1/runs/{id}?previews=true) at once, then
+    each time it changes; a comment every 15 s keeps the connection open."""
+    run = await _run_json(request)
+    changes = request.app[keys.CHANGES]
+    async with sse_response(request, ping_interval=15) as stream:
+        sent = ""
+        while stream.is_connected():
+            # Compared before previews are added: presigned URLs differ at every signing.
+            state = json.dumps(run, separators=(",", ":"))
+            if state != sent:
+                data = await _with_previews(request, run)
+                await stream.send(json.dumps(data, separators=(",", ":")), event="run")
+                sent = state
+            await changes.wait(1.0 if run["status"] == "running" else 5.0)
+            run = await _run_json(request)
+    return stream
+
+
+async def runs_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``changed`` whenever a run may have changed (at most one a
+    second), for a list to read its page again."""
+    changes = request.app[keys.CHANGES]
+    async with sse_response(request, ping_interval=15) as stream:
+        await stream.send("{}", event="changed")
+        while stream.is_connected():
+            await changes.wait(15.0)
+            await stream.send("{}", event="changed")
+            await asyncio.sleep(1.0)
+    return stream
 
 
 async def run_events(request: web.Request) -> web.Response:
@@ -152,7 +213,15 @@ async def list_pipelines(request: web.Request) -> web.Response:
     for name in await anyio.to_thread.run_sync(example_names):
         pipeline = await load_example(name)
         stages = {n: s.model for n, s in pipeline.stages.items()}
-        out.append({"name": name, "description": pipeline.description, "stages": stages})
+        inputs = {
+            n: {"type": d.type, "required": d.required, "default": d.default,
+                "description": d.description}
+            for n, d in pipeline.inputs.items()
+        }  # fmt: skip
+        out.append(
+            {"name": name, "description": pipeline.description, "stages": stages,
+             "inputs": inputs}
+        )  # fmt: skip
     return web.json_response({"pipelines": out})
 
 

@@ -10,6 +10,7 @@ from aiohttp.typedefs import Middleware
 
 from pipelines.health import Loops
 from service import keys, lifecycle
+from service.live import Changes
 from service.middlewares import context_and_errors, require_token
 from service.routes import setup_routes
 from service.settings import Settings
@@ -24,6 +25,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app[keys.CLOCK] = clock
     app[keys.HEALTH] = keys.Health()
     app[keys.LOOPS] = Loops(dead_after_s=settings.liveness_failure_s)
+    app[keys.CHANGES] = Changes()
     app.cleanup_ctx.extend(
         [
             lifecycle.http_ctx,

@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_inputs(p)
     p.add_argument("--latency", type=float, default=1.0, help="emulated seconds per task")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep everything running afterwards, to look at the run on the dashboard",
+    )
 
     p = sub.add_parser(
         "serve",
@@ -370,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "events":
             return _events_tail(args, env)
         if args.command == "demo":
-            result = asyncio.run(run_demo(args.pipeline, dict(args.set), latency_s=args.latency))
+            try:
+                result = asyncio.run(
+                    run_demo(args.pipeline, dict(args.set), latency_s=args.latency, keep=args.keep)
+                )
+            except KeyboardInterrupt:
+                return 0
             return 0 if result["run"]["status"] == "succeeded" else 1
         return asyncio.run(_client_command(args, env))
     except (ConfigError, SpecError, ApiError) as exc:

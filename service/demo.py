@@ -78,6 +78,14 @@ def local_aws(log: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+async def _forever() -> None:
+    import asyncio
+    import contextlib
+
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.Event().wait()
+
+
 def _prepare_aws(aws: AwsClients) -> tuple[str, Tail]:
     aws.s3.create_bucket(Bucket=BUCKET)
     topic = aws.sns.create_topic(Name=TOPIC)["TopicArn"]
@@ -108,7 +116,10 @@ async def run_demo(
     *,
     out: TextIO = sys.stdout,
     latency_s: float = 1.0,
+    keep: bool = False,
 ) -> dict[str, Any]:
+    """Run ``pipeline`` end to end on local parts; print what was made and the run's page
+    on the dashboard. With ``keep``, everything stays up until Ctrl-C."""
     from emulator.app import create_emulator_app
     from emulator.faults import Faults
 
@@ -158,6 +169,10 @@ async def run_demo(
                 file=out,
             )
             await anyio.to_thread.run_sync(tail.close)
+            print(f"\ndashboard: {settings.base_url}/#/runs/{run['id']}", file=out)
+            if keep:
+                print("kept up (the emulator, local AWS and wavechain): Ctrl-C to stop", file=out)
+                await _forever()
             return {"run": final, "provider": counters, **report}
     finally:
         for runner in reversed(runners):

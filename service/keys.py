@@ -18,6 +18,7 @@ from pipelines.secrets import Secret
 from pipelines.store import Store
 from pipelines.sweeper import Sweeper
 from service.aws import AwsClients
+from service.live import Changes
 from service.settings import Settings
 
 
@@ -44,6 +45,8 @@ SETTINGS = web.AppKey("settings", Settings)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 HEALTH = web.AppKey("health", Health)
 LOOPS = web.AppKey("loops", Loops)
+#: Wakes the dashboard's live views when something may have changed.
+CHANGES = web.AppKey("changes", Changes)
 WEBHOOK_SECRETS = web.AppKey("webhook_secrets", WebhookSecrets)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 #: Downloads of outputs: guarded resolution, no decompression.

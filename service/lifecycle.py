@@ -89,6 +89,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     log.info("store.opened", database=parse_database_url(settings.database_url).redacted())
     app[keys.STORE] = store
+    store.listen(jobs=app[keys.CHANGES].notify, events=app[keys.CHANGES].notify)
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from service import api, webhooks
+from service.dashboard import setup_dashboard
 
 
 def setup_routes(app: web.Application) -> None:
@@ -12,7 +13,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/webhooks/wavespeed/{token}", webhooks.wavespeed_webhook)
     r.add_post("/v1/runs", api.create_run)
     r.add_get("/v1/runs", api.list_runs)
+    r.add_get("/v1/runs/stream", api.runs_stream)
     r.add_get("/v1/runs/{id}", api.get_run)
+    r.add_get("/v1/runs/{id}/stream", api.run_stream)
     r.add_get("/v1/runs/{id}/events", api.run_events)
     r.add_get("/v1/runs/{id}/deliveries", api.run_deliveries)
     r.add_post("/v1/runs/{id}/cancel", api.cancel_run)
@@ -20,3 +23,4 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/pipelines", api.list_pipelines)
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
+    setup_dashboard(app)

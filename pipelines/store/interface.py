@@ -163,7 +163,12 @@ class Store(Protocol):
     async def get_run(self, run_id: str) -> RunView | None: ...
 
     async def list_runs(
-        self, *, limit: int = 50, status: str | None = None, cursor: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        pipeline: str | None = None,
+        cursor: str | None = None,
     ) -> RunPage: ...
 
     async def outbox(self, run_id: str | None = None) -> list[dict[str, Any]]: ...

@@ -75,7 +75,7 @@ MAX_FLUSHES = 4
 
 _STAGES_OF_RUNS = (
     "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "
-    "submitted_at, finished_at FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position"
+    "submitted_at, finished_at, needs FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position"
 )
 _RUN_BY_ID = "SELECT id, pipeline, status, inputs, created_at, updated_at FROM runs WHERE id = $1"
 
@@ -319,10 +319,17 @@ class PostgresStore:
                 now,
             )
             await conn.executemany(
-                "INSERT INTO stages (run_id, name, model, status, position) "
-                "VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO stages (run_id, name, model, status, position, needs) "
+                "VALUES ($1, $2, $3, $4, $5, $6)",
                 [
-                    (run_id, name, stage.model, StageStatus.PENDING.value, position)
+                    (
+                        run_id,
+                        name,
+                        stage.model,
+                        StageStatus.PENDING.value,
+                        position,
+                        json.dumps(list(stage.needs)),
+                    )
                     for position, (name, stage) in enumerate(pipeline.stages.items())
                 ],
             )
@@ -838,7 +845,12 @@ class PostgresStore:
         return view
 
     async def list_runs(
-        self, *, limit: int = 50, status: str | None = None, cursor: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        pipeline: str | None = None,
+        cursor: str | None = None,
     ) -> RunPage:
         after = Cursor.decode(cursor) if cursor else None
 
@@ -848,6 +860,9 @@ class PostgresStore:
             if status is not None:
                 args.append(status)
                 where.append(f"status = ${len(args)}")
+            if pipeline is not None:
+                args.append(pipeline)
+                where.append(f"pipeline = ${len(args)}")
             if after is not None:
                 args.extend(after)
                 where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")

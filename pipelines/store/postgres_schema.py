@@ -110,6 +110,10 @@ MIGRATIONS: tuple[str, ...] = (
         until DOUBLE PRECISION NOT NULL
     );
     """,
+    # 2: each stage's dependencies, for the dashboard's graph.
+    """
+    ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 

@@ -26,6 +26,8 @@ class StageView:
     error: str
     submitted_at: float | None
     finished_at: float | None
+    #: The stages this one waits for (the pipeline's graph).
+    needs: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         elapsed = (
@@ -36,11 +38,13 @@ class StageView:
         return {
             "name": self.name,
             "model": self.model,
+            "needs": self.needs,
             "status": self.status,
             "attempt": self.attempt,
             "task_id": self.task_id,
             "outputs": self.mirrored or self.outputs,
             "provider_outputs": self.outputs,
+            "mirrored_outputs": self.mirrored,
             "error": self.error or None,
             "timings": {
                 "submitted_at": iso(self.submitted_at),

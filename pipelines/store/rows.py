@@ -1,6 +1,6 @@
 """Rows to records. Both backends select the same columns in the same order: a run as
 (id, pipeline, status, inputs, created_at, updated_at), a stage as (name, model, status,
-attempt, task_id, outputs, mirrored, error, submitted_at, finished_at), a due stage as
+attempt, task_id, outputs, mirrored, error, submitted_at, finished_at, needs), a due stage as
 (run_id, name, attempt, task_id, status, hard_deadline, model), a parked event as (seq,
 run_id, type, tries, last_error, dead_at, body)."""
 
@@ -19,7 +19,9 @@ def event_id() -> str:
 
 
 def stage_view(row: Any) -> StageView:
-    name, model, status, attempt, task_id, outputs, mirrored, error, submitted, finished = row
+    name, model, status, attempt, task_id, outputs, mirrored, error, submitted, finished, needs = (
+        row
+    )
     return StageView(
         name=name,
         model=model,
@@ -31,6 +33,7 @@ def stage_view(row: Any) -> StageView:
         error=error,
         submitted_at=submitted,
         finished_at=finished,
+        needs=json.loads(needs),
     )
 
 

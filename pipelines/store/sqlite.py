@@ -284,9 +284,17 @@ class SqliteStore:
                 ),
             )
             conn.executemany(
-                "INSERT INTO stages (run_id, name, model, status, position) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO stages (run_id, name, model, status, position, needs) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (run_id, name, stage.model, StageStatus.PENDING.value, position)
+                    (
+                        run_id,
+                        name,
+                        stage.model,
+                        StageStatus.PENDING.value,
+                        position,
+                        json.dumps(list(stage.needs)),
+                    )
                     for position, (name, stage) in enumerate(pipeline.stages.items())
                 ],
             )
@@ -780,7 +788,12 @@ class SqliteStore:
         return await self._read(op)
 
     async def list_runs(
-        self, *, limit: int = 50, status: str | None = None, cursor: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        pipeline: str | None = None,
+        cursor: str | None = None,
     ) -> RunPage:
         after = Cursor.decode(cursor) if cursor else None
 
@@ -791,6 +804,9 @@ class SqliteStore:
             if status is not None:
                 where.append("status = ?")
                 args.append(status)
+            if pipeline is not None:
+                where.append("pipeline = ?")
+                args.append(pipeline)
             if after is not None:
                 where.append("(created_at, id) < (?, ?)")
                 args.extend(after)
@@ -844,7 +860,7 @@ def _views(conn: sqlite3.Connection, runs: Sequence[tuple[Any, ...]]) -> list[Ru
     stages: dict[str, list[StageView]] = {run_id: [] for run_id in ids}
     query = (
         "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "
-        "submitted_at, finished_at FROM stages WHERE run_id IN "
+        "submitted_at, finished_at, needs FROM stages WHERE run_id IN "
         "(SELECT value FROM json_each(?)) ORDER BY run_id, position, rowid"
     )
     for r in conn.execute(query, (json.dumps(ids),)):

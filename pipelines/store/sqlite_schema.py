@@ -102,4 +102,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX attempts_by_created ON attempts (created_at);
     CREATE INDEX runs_by_status ON runs (status, created_at DESC);
     """,
+    # 3: each stage's dependencies, for the dashboard's graph.
+    """
+    ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';
+    """,
 )
