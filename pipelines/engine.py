@@ -26,6 +26,13 @@ from pipelines.errors import (
     SubmitOutcomeUnknownError,
 )
 from pipelines.health import NO_REPORTS, Reporter
+from pipelines.metrics import (
+    HANDOFF_SECONDS,
+    JOB_WAIT_SECONDS,
+    JOBS,
+    MIRROR_BYTES,
+    MIRROR_SECONDS,
+)
 from pipelines.mirror import MirrorRejectedError, S3Mirror
 from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
 from pipelines.spec import Pipeline, bind_inputs, render
@@ -249,14 +256,18 @@ class Engine:
         with structlog.contextvars.bound_contextvars(
             run_id=job.run_id, stage=job.stage, attempt=job.attempt, job=job.kind
         ):
+            outcome = "crashed"
             try:
+                if job.due_at is not None:
+                    JOB_WAIT_SECONDS.labels(job.kind).observe(max(0.0, self._clock() - job.due_at))
                 if job.kind == "submit":
-                    await self._submit(job)
+                    outcome = await self._submit(job)
                 elif job.kind == "mirror":
-                    await self._mirror_outputs(job)
+                    outcome = await self._mirror_outputs(job)
                 else:
                     log.error("job.unknown_kind")
                     await self.store.drop_job(job)
+                    outcome = "dropped"
             except Exception as exc:
                 log.exception("job.crashed")
                 try:
@@ -265,42 +276,45 @@ class Engine:
                 except Exception as again:
                     log.warning("job.release_failed", error=repr(again))
             finally:
+                JOBS.labels(job.kind, outcome).inc()
                 heartbeat.cancel()
                 self._busy -= 1
                 if not self._busy:
                     self._idle.set()
                 self._wake.set()
 
-    async def _submit(self, job: Job) -> None:
+    async def _submit(self, job: Job) -> str:
+        """Carry out a submit job; its outcome, for the metrics."""
         # Read when the job was claimed; read again (raising the reason) if that failed.
         ctx = job.context or await self.store.submit_context(job)
         stage = ctx.stage
         if ctx.cancelled or stage.attempt != job.attempt or stage.status is not StageStatus.PENDING:
             await self.store.drop_job(job)
-            return
+            return "dropped"
         if ctx.previous_attempt in ("sending", "unknown"):
             # An earlier try may have reached the provider and created (and charged) a
             # task. Never send again blindly: the signed callback on that attempt's token,
             # or reconciliation, settles it.
             await self.store.attempt_unknown(job, now=self._clock())
             log.warning("stage.submit_outcome_unknown", reason="an earlier try may have reached it")
-            return
+            return "unknown"
         spec = ctx.pipeline.stages[job.stage]
         model = get_model(spec.model)
         if model is None:  # the spec was validated; a catalog change could still do this
             await self._reject(job, f"unknown model {spec.model!r}")
-            return
+            return "rejected"
         try:
             upstream = {name: await self._inputs_from(s) for name, s in ctx.upstream.items()}
             body = render(spec, ctx.inputs, upstream, where=f"run {job.run_id}")
         except SpecError as exc:
             await self._reject(job, str(exc))
-            return
+            return "rejected"
         token = self._new_token()
         await self.store.record_attempt(job, token, provider=model.provider, now=self._clock())
         try:
             if model.provider == "aimlapi":
                 await self._submit_aiml(job, token, model.id, body)
+                return "submitted"
             else:
                 webhook = f"{self.config.public_base_url}/webhooks/wavespeed/{token}"
                 log.debug("stage.submitting", model=model.id, webhook=webhook)  # token scrubbed
@@ -320,11 +334,15 @@ class Engine:
                     tries=job.tries,
                     since_due_ms=None if since_due is None else round(since_due * 1000, 3),
                 )
+                if since_due is not None and spec.needs:
+                    HANDOFF_SECONDS.observe(since_due)
+                return "submitted"
         except SubmitOutcomeUnknownError as exc:
             # A task may exist and be charged: keep the attempt and its token; the signed
             # callback, or reconciliation, settles it.
             await self.store.attempt_unknown(job, now=self._clock())
             log.warning("stage.submit_outcome_unknown", error=str(exc))
+            return "unknown"
         except ProviderError as exc:
             if exc.retryable and job.tries < self.config.max_submit_tries:
                 # Proven not to have created a task: this attempt's row goes, and the job
@@ -333,9 +351,10 @@ class Engine:
                 delay = max(self._backoff(job.tries), exc.retry_after or 0.0)
                 await self.store.retry_job(job, at=self._clock() + delay, error=str(exc))
                 log.warning("stage.submit_retrying", error=str(exc), delay_s=delay)
-                return
+                return "retrying"
             await self.store.attempt_rejected(job)
             await self._reject(job, str(exc))
+            return "rejected"
 
     async def _submit_aiml(self, job: Job, token: str, model: str, body: dict[str, Any]) -> None:
         try:
@@ -378,13 +397,14 @@ class Engine:
     def _backoff(self, tries: int) -> float:
         return backoff_s(tries, base=self.config.submit_backoff_s, cap=self.config.max_backoff_s)
 
-    async def _mirror_outputs(self, job: Job) -> None:
+    async def _mirror_outputs(self, job: Job) -> str:
+        """Carry out a mirror job; its outcome, for the metrics."""
         current = await self.store.stage_state(job.run_id, job.stage)
         stage = current.stage
         stale = current.cancelled or stage.attempt != job.attempt or not stage.awaiting_mirror
         if self._mirror is None or stale:
             await self.store.drop_job(job)
-            return
+            return "dropped"
         metadata = {
             "run-id": job.run_id,
             "stage": job.stage,
@@ -395,9 +415,13 @@ class Engine:
         try:
             for n, output in enumerate(stage.outputs):
                 stem = self._mirror.key_stem(job.run_id, job.stage, n)
+                started = time.monotonic()
                 copied = await self._mirror.copy(
                     output, stem=stem, metadata=metadata, first_try=job.tries == 1
                 )
+                if not copied.reused:
+                    MIRROR_SECONDS.observe(time.monotonic() - started)
+                    MIRROR_BYTES.inc(copied.size)
                 uris.append(copied.uri)
                 log.info(
                     "output.mirrored",
@@ -410,18 +434,19 @@ class Engine:
             event: Event = MirrorFailed(job.stage, job.attempt, str(exc))
             await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
             log.warning("output.mirror_rejected", error=str(exc))
-            return
+            return "rejected"
         except Exception as exc:  # S3 or the network: transient until proven otherwise
             if job.tries >= self.config.max_mirror_tries:
                 event = MirrorFailed(job.stage, job.attempt, f"mirroring gave up: {exc!r}")
                 await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
-                return
+                return "gave_up"
             delay = self._backoff(job.tries)
             await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
             log.warning("output.mirror_retrying", error=repr(exc), retry_in_s=delay)
-            return
+            return "retrying"
         event = Mirrored(job.stage, job.attempt, tuple(uris))
         await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+        return "mirrored"
 
     async def _reject(self, job: Job, error: str) -> None:
         event = SubmitRejected(job.stage, job.attempt, error)

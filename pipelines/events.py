@@ -36,6 +36,7 @@ import structlog
 from anyio import CapacityLimiter
 
 from pipelines.backoff import backoff_s
+from pipelines.metrics import EVENTS
 from pipelines.store import OutboxRow, Store
 
 log = structlog.get_logger("wavechain.events")
@@ -325,6 +326,7 @@ class OutboxRelay:
         if published.sent:
             await self._store.mark_sent(published.sent, now=self._clock())
             self.published += len(published.sent)
+            EVENTS.labels("published").inc(len(published.sent))
         return published
 
     async def _publish_batch(self, batch: list[dict[str, Any]]) -> Published:
@@ -361,6 +363,7 @@ class OutboxRelay:
             if oversized or (sender_fault and tries >= self._max_tries):
                 retry_at[seq] = None
                 self.parked += 1
+                EVENTS.labels("parked").inc()
                 log.error(
                     "events.parked",
                     seq=seq,

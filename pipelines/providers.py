@@ -26,6 +26,7 @@ import aiohttp
 
 from pipelines.catalog import Provider
 from pipelines.errors import ProviderError, SubmitOutcomeUnknownError
+from pipelines.metrics import PROVIDER_REQUESTS
 from pipelines.secrets import Secret
 
 TERMINAL_FAILURES: Final = frozenset({"failed", "cancelled", "timeout", "deleted"})
@@ -146,6 +147,10 @@ def _created(payload: Any) -> Prediction:
         ) from exc
 
 
+def _counted(provider: str, endpoint: str, status: int | None) -> None:
+    PROVIDER_REQUESTS.labels(provider, endpoint, "error" if status is None else str(status)).inc()
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     if value is None:
@@ -195,6 +200,7 @@ class WaveSpeedClient:
             ) as resp:
                 payload = await _read_json(resp)
                 status = resp.status
+                _counted("wavespeed", "submit", status)
                 if status >= 500:
                     raise SubmitOutcomeUnknownError(
                         f"WaveSpeed submit: HTTP {status}: "
@@ -205,10 +211,12 @@ class WaveSpeedClient:
                     return _created(payload)
                 return self._envelope(resp, payload, "submit")
         except aiohttp.ClientConnectorError as exc:
+            _counted("wavespeed", "submit", None)
             raise ProviderError(
                 f"cannot connect to WaveSpeed: {exc.os_error}", retryable=True
             ) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
+            _counted("wavespeed", "submit", None)
             raise SubmitOutcomeUnknownError(f"no answer to submit: {type(exc).__name__}") from exc
 
     async def get_result(self, task_id: str) -> Prediction:
@@ -217,13 +225,16 @@ class WaveSpeedClient:
             async with self._session.get(
                 url, headers=self._headers(), timeout=self._timeout
             ) as resp:
+                _counted("wavespeed", "result", resp.status)
                 return self._envelope(resp, await _read_json(resp), "get result")
         except (TimeoutError, aiohttp.ClientError) as exc:
+            _counted("wavespeed", "result", None)
             raise ProviderError(f"get result failed: {type(exc).__name__}", retryable=True) from exc
 
     async def webhook_secret(self) -> Secret:
         url = f"{self._base}/api/v3/webhook/secret"
         async with self._session.get(url, headers=self._headers(), timeout=self._timeout) as resp:
+            _counted("wavespeed", "webhook_secret", resp.status)
             body = await _read_json(resp)
             if resp.status != 200 or not isinstance(body, Mapping):
                 raise ProviderError(
@@ -282,11 +293,14 @@ class AimlClient:
                 payload = await _read_json(resp)
                 status = resp.status
                 retry_after = _retry_after(resp.headers)
+            _counted("aimlapi", "generate", status)
         except aiohttp.ClientConnectorError as exc:
+            _counted("aimlapi", "generate", None)
             raise ProviderError(
                 f"cannot connect to AI/ML API: {exc.os_error}", retryable=True
             ) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
+            _counted("aimlapi", "generate", None)
             raise SubmitOutcomeUnknownError(
                 f"no answer from AI/ML API: {type(exc).__name__}"
             ) from exc

@@ -21,6 +21,7 @@ import structlog
 from pipelines.backoff import backoff_s
 from pipelines.engine import result_event
 from pipelines.errors import ProviderError
+from pipelines.metrics import RECONCILE_POLLS
 from pipelines.providers import WaveSpeedClient
 from pipelines.state import Event, TaskFailed, TaskProcessing
 from pipelines.store import DueStage, Store
@@ -111,12 +112,14 @@ class Sweeper:
                 self.polls += 1
                 prediction = await self._wavespeed.get_result(due.task_id)
             except ProviderError as exc:
+                RECONCILE_POLLS.labels("poll_failed").inc()
                 log.warning("reconcile.poll_failed", error=str(exc))
                 if now >= due.hard_deadline:
                     await self._time_out(due, f"timed out; last poll failed: {exc}")
                 return  # the claim expires and the stage is asked about again
             event: Event = result_event(due.stage, due.attempt, prediction)
             if isinstance(event, TaskProcessing):
+                RECONCILE_POLLS.labels("running").inc()
                 if now >= due.hard_deadline:
                     await self._time_out(due, f"timed out: task still {prediction.status}")
                     return
@@ -125,11 +128,13 @@ class Sweeper:
                 await self._store.extend_deadline(due.run_id, due.stage, due.attempt, at)
                 log.info("reconcile.still_running", task_status=prediction.status)
                 return
+            RECONCILE_POLLS.labels("completed" if prediction.completed else "failed").inc()
             decision = await self._store.apply(due.run_id, event, now=now)
             self.applied += int(decision.changed)
             log.info("reconcile.applied", task_status=prediction.status, changed=decision.changed)
 
     async def _time_out(self, due: DueStage, error: str) -> None:
+        RECONCILE_POLLS.labels("timed_out").inc()
         event = TaskFailed(due.stage, due.attempt, due.task_id or "", error, retryable=True)
         await self._store.apply(due.run_id, event, now=self._clock())
         log.warning("reconcile.timed_out", error=error)

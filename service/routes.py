@@ -6,6 +6,7 @@ from aiohttp import web
 
 from service import api, webhooks
 from service.dashboard import setup_dashboard
+from service.metrics import metrics
 
 
 def setup_routes(app: web.Application) -> None:
@@ -23,4 +24,5 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/pipelines", api.list_pipelines)
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
+    r.add_get("/metrics", metrics)
     setup_dashboard(app)

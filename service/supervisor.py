@@ -9,9 +9,11 @@ restarts the pod whole, rather than running on with a part of it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
@@ -23,7 +25,19 @@ log = structlog.get_logger("wavechain.cli")
 
 def supervise(child_args: Sequence[str], processes: int, env: Mapping[str, str]) -> int:
     """Run ``processes`` copies of ``wavechain <child_args>``; the exit code is 0 when
-    every one stopped cleanly after a signal, else the first failure's."""
+    every one stopped cleanly after a signal, else the first failure's. The processes
+    count their metrics in one shared directory (prometheus-client's multiprocess mode),
+    so that whichever answers /metrics answers for all of them."""
+    shared = env.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="wavechain-metrics-")
+    env = {**env, "PROMETHEUS_MULTIPROC_DIR": shared}
+    try:
+        return _supervise(child_args, processes, env)
+    finally:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _supervise(child_args: Sequence[str], processes: int, env: Mapping[str, str]) -> int:
     children = [
         subprocess.Popen(  # noqa: S603 - our own entry point and arguments
             [sys.executable, "-m", "service.cli", *child_args],

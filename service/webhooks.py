@@ -10,6 +10,7 @@ from aiohttp import web
 
 from pipelines import signing
 from pipelines.errors import WebhookVerificationError
+from pipelines.metrics import WEBHOOK_SECONDS, WEBHOOKS
 from pipelines.providers import parse_prediction
 from service import keys
 from service.bodies import read_capped
@@ -42,6 +43,7 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
         request, settings.max_webhook_bytes, timeout_s=settings.body_read_timeout_s
     )
     if body is None:
+        WEBHOOKS.labels("rejected", "too_large").inc()
         log.warning("webhook.rejected", reason="too_large")
         return _error(413, f"body larger than {settings.max_webhook_bytes} bytes")
     try:
@@ -53,11 +55,13 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
             tolerance_s=settings.webhook_tolerance_s,
         )
     except WebhookVerificationError as exc:
+        WEBHOOKS.labels("rejected", exc.reason).inc()
         log.warning("webhook.rejected", reason=exc.reason)
         return _error(401, "signature verification failed")
     try:
         prediction = parse_prediction(orjson.loads(body))
     except ValueError as exc:  # orjson's JSONDecodeError is one, invalid UTF-8 included
+        WEBHOOKS.labels("rejected", "malformed").inc()
         log.warning("webhook.malformed", webhook_id=verified.webhook_id, error=str(exc))
         return _error(400, f"malformed prediction: {exc}")
     outcome = await app[keys.ENGINE].on_wavespeed_webhook(
@@ -72,6 +76,8 @@ async def wavespeed_webhook(request: web.Request) -> web.Response:
         "run_id": outcome.run_id,
         "stage": outcome.stage,
     }
+    WEBHOOKS.labels(outcome.effect, "").inc()
+    WEBHOOK_SECONDS.observe(max(0.0, app[keys.CLOCK]() - received_at))
     status = _STATUS[outcome.effect]
     headers = {"Retry-After": "1"} if status == 503 else None
     return web.Response(

@@ -160,6 +160,10 @@ class Store(Protocol):
         than ``before``."""
 
     # reads
+    async def gauges(self) -> dict[str, Any]:
+        """What /metrics reports of the whole store: ``pending_events``,
+        ``oldest_pending_event_at`` (or None), ``parked_events``, ``runs`` by status."""
+
     async def get_run(self, run_id: str) -> RunView | None: ...
 
     async def list_runs(

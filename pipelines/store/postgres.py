@@ -836,6 +836,24 @@ class PostgresStore:
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             return await fn(conn)
 
+    async def gauges(self) -> dict[str, Any]:
+        async def op(conn: Any) -> dict[str, Any]:
+            pending = await conn.fetchrow(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox "
+                "WHERE sent_at IS NULL AND dead_at IS NULL"
+            )
+            parked = await conn.fetchval("SELECT COUNT(*) FROM outbox WHERE dead_at IS NOT NULL")
+            runs = await conn.fetch("SELECT status, COUNT(*) FROM runs GROUP BY status")
+            return {
+                "pending_events": pending[0],
+                "oldest_pending_event_at": pending[1],
+                "parked_events": parked,
+                "runs": {r[0]: r[1] for r in runs},
+            }
+
+        gauges: dict[str, Any] = await self._read(op)
+        return gauges
+
     async def get_run(self, run_id: str) -> RunView | None:
         async def op(conn: Any) -> RunView | None:
             row = await conn.fetchrow(_RUN_BY_ID, run_id)

@@ -776,6 +776,23 @@ class SqliteStore:
 
     # reads ----------------------------------------------------------------------------
 
+    async def gauges(self) -> dict[str, Any]:
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            pending, oldest = conn.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox "
+                "WHERE sent_at IS NULL AND dead_at IS NULL"
+            ).fetchone()
+            parked = conn.execute("SELECT COUNT(*) FROM outbox WHERE dead_at IS NOT NULL")
+            runs = dict(conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"))
+            return {
+                "pending_events": pending,
+                "oldest_pending_event_at": oldest,
+                "parked_events": parked.fetchone()[0],
+                "runs": runs,
+            }
+
+        return await self._read(op)
+
     async def get_run(self, run_id: str) -> RunView | None:
         def op(conn: sqlite3.Connection) -> RunView | None:
             row = conn.execute(

@@ -223,10 +223,25 @@ def test_processes_share_one_port_on_postgres_and_are_refused_on_sqlite(
             assert time.monotonic() < deadline
             time.sleep(0.1)
         statuses = {r["status"] for r in _runs(api, ids)}
+        # Whichever process answers /metrics counts for both (multiprocess mode).
+        applied = set()
+        for _ in range(6):
+            text = requests.get(f"{api}/metrics", timeout=10).text
+            applied.add(
+                _sample(text, 'wavechain_webhook_deliveries_total{effect="applied",reason=""}')
+            )
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=30) == 0
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     (started,) = [line for line in lines if line["event"] == "service.processes"]
     ready = [line for line in lines if line["event"] == "service.ready"]
     assert statuses == {"succeeded"} and len(started["pids"]) == 2 and len(ready) == 2
+    assert applied == {18.0}  # 6 runs, 3 callbacks each, over both processes
     assert len([line for line in lines if line["event"] == "service.stopped"]) == 2
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

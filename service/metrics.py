@@ -1,0 +1,68 @@
+"""`GET /metrics`: Prometheus' text format. The process's own counters (or, under
+`serve --processes N`, all its processes', read from their shared directory), and gauges
+of the whole store read at scrape time: the outbox's backlog and runs by status. Every
+replica reports the same store gauges: aggregate them with max(), not sum()."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service import keys
+
+
+class _StoreGauges(Collector):
+    def __init__(self, values: dict[str, Any], now: float) -> None:
+        self._values = values
+        self._now = now
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        v = self._values
+        yield GaugeMetricFamily(
+            "wavechain_outbox_pending_events",
+            "Lifecycle events not yet published (parked ones aside).",
+            value=v["pending_events"],
+        )
+        oldest = v["oldest_pending_event_at"]
+        yield GaugeMetricFamily(
+            "wavechain_outbox_oldest_pending_age_seconds",
+            "Age of the oldest event waiting to be published (0 when none waits).",
+            value=max(0.0, self._now - oldest) if oldest is not None else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "wavechain_outbox_parked_events",
+            "Events given up on (dead letters), kept in the outbox.",
+            value=v["parked_events"],
+        )
+        runs = GaugeMetricFamily(
+            "wavechain_runs", "Runs in the store, by status.", labels=["status"]
+        )
+        for status in ("running", "succeeded", "failed", "cancelled"):
+            runs.add_metric([status], v["runs"].get(status, 0))
+        yield runs
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gauges = await request.app[keys.STORE].gauges()
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        text = generate_latest(registry)
+    else:
+        text = generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    registry.register(_StoreGauges(gauges, request.app[keys.CLOCK]()))
+    body = text + generate_latest(registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
