@@ -62,7 +62,20 @@ async def _json(request: web.Request) -> dict[str, Any]:
         raise SpecError("request body must be a JSON object")
     if specs.depth(body, limits.max_depth + 1) > limits.max_depth + 1:
         raise SpecError(f"request body nested more than {limits.max_depth} levels deep")
+    if _holds_nul(body):
+        raise SpecError("request body: text must not hold NUL characters (\\u0000)")
     return body
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any key or string holds a NUL, which no database text column can store."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 async def create_run(request: web.Request) -> web.Response:
@@ -78,9 +91,9 @@ async def create_run(request: web.Request) -> web.Response:
         pipeline = specs.parse(raw, where="inline pipeline", limits=limits)
     else:
         raise SpecError("pipeline: must be an example's name or an inline spec object")
-    inputs = body.get("inputs") or {}
+    inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
-        raise SpecError("inputs: must be an object")
+        raise SpecError("inputs: must be an object of input name to value")
     engine = request.app[keys.ENGINE]
     run_id = await engine.create_run(pipeline, inputs)
     view = await request.app[keys.STORE].get_run(run_id)
@@ -90,39 +103,59 @@ async def create_run(request: web.Request) -> web.Response:
 
 #: The most runs one page holds.
 MAX_PAGE = 200
+RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
 
 
 async def list_runs(request: web.Request) -> web.Response:
     """Newest first, a page at a time: ``next_cursor`` (null on the last page) is passed
     back as ``cursor`` for the next."""
     status = request.query.get("status")
-    try:
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        raise SpecError("limit: must be an integer") from None
+    if status is not None and status not in RUN_STATUSES:
+        raise SpecError(f"status: must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+    raw_limit = request.query.get("limit", "50")
+    if not (raw_limit.isascii() and raw_limit.isdigit()):
+        raise SpecError(f"limit: must be an integer, got {raw_limit!r}")
+    limit = int(raw_limit)
     if not 1 <= limit <= MAX_PAGE:
         raise SpecError(f"limit: must be in range 1..{MAX_PAGE}, got {limit}")
     page = await request.app[keys.STORE].list_runs(
         limit=limit,
         status=status,
-        pipeline=request.query.get("pipeline") or None,
-        cursor=request.query.get("cursor") or None,
+        pipeline=_text_param(request, "pipeline", 100),
+        cursor=_text_param(request, "cursor", 200),
     )
     return web.json_response(
         {"runs": [r.as_json() for r in page.runs], "next_cursor": page.next_cursor}
     )
 
 
+def _text_param(request: web.Request, name: str, longest: int) -> str | None:
+    """A text query parameter: absent or empty is None; too long, or holding a NUL (which
+    no database column can), is a 400."""
+    value = request.query.get(name)
+    if not value:
+        return None
+    if len(value) > longest or "\x00" in value:
+        raise SpecError(f"{name}: must be at most {longest} characters, with no NUL")
+    return value
+
+
 async def _run_json(request: web.Request) -> dict[str, Any]:
-    """The run named in the path, as JSON; 404 if there is none."""
-    view = await request.app[keys.STORE].get_run(request.match_info["id"])
+    """The run named in the path, as JSON; 404 if there is none (an id no run could have,
+    too long or holding a NUL, included)."""
+    run_id = request.match_info["id"]
+    view = (
+        None
+        if len(run_id) > 100 or "\x00" in run_id
+        else await request.app[keys.STORE].get_run(run_id)
+    )
     if view is None:
         raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
     return view.as_json()
 
 
 def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "false").lower()
+    value = request.query.get(name, "false")
     if value not in ("true", "false", "1", "0"):
         raise SpecError(f"{name}: must be true or false")
     return value in ("true", "1")
@@ -148,6 +181,11 @@ async def get_run(request: web.Request) -> web.Response:
     return web.json_response(run)
 
 
+#: How often a stream looks whether its client is still there (aiohttp does not cancel a
+#: handler whose client left).
+_STREAM_CHECK_S = 1.0
+
+
 async def run_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the run (as GET /v1/runs/{id}?previews=true) at once, then
     each time it changes; a comment every 15 s keeps the connection open."""
@@ -155,28 +193,36 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     changes = request.app[keys.CHANGES]
     async with sse_response(request, ping_interval=15) as stream:
         sent = ""
-        while stream.is_connected():
+        quiet = 0
+        while stream.is_connected() and not changes.closed:
             # Compared before previews are added: presigned URLs differ at every signing.
             state = json.dumps(run, separators=(",", ":"))
             if state != sent:
                 data = await _with_previews(request, run)
                 await stream.send(json.dumps(data, separators=(",", ":")), event="run")
                 sent = state
-            await changes.wait(1.0 if run["status"] == "running" else 5.0)
-            run = await _run_json(request)
+            notified = await changes.wait(_STREAM_CHECK_S)
+            quiet = 0 if notified else quiet + 1
+            # A running run is read every second; an ended one on a notice, or every 5 s.
+            if notified or run["status"] == "running" or quiet % 5 == 0:
+                run = await _run_json(request)
     return stream
 
 
 async def runs_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``changed`` whenever a run may have changed (at most one a
-    second), for a list to read its page again."""
+    second, and at least every 15 s), for a list to read its page again."""
     changes = request.app[keys.CHANGES]
     async with sse_response(request, ping_interval=15) as stream:
         await stream.send("{}", event="changed")
-        while stream.is_connected():
-            await changes.wait(15.0)
-            await stream.send("{}", event="changed")
-            await asyncio.sleep(1.0)
+        quiet = 0
+        while stream.is_connected() and not changes.closed:
+            if await changes.wait(_STREAM_CHECK_S) or quiet >= 14:
+                await stream.send("{}", event="changed")
+                quiet = 0
+                await asyncio.sleep(1.0)
+            else:
+                quiet += 1
     return stream
 
 
@@ -201,8 +247,11 @@ async def cancel_run(request: web.Request) -> web.Response:
 async def retry_run(request: web.Request) -> web.Response:
     run_id = (await _run_json(request))["id"]
     body = await _json(request) if request.can_read_body else {}
+    unknown = set(body) - {"from"}
+    if unknown:
+        raise SpecError(f"unknown fields {sorted(unknown)} (expected from)")
     from_stage = body.get("from")
-    if from_stage is not None and not isinstance(from_stage, str):
+    if "from" in body and not isinstance(from_stage, str):
         raise SpecError("from: must be a stage name")
     await request.app[keys.ENGINE].retry(run_id, from_stage)  # InvalidTransitionError: 409
     return web.json_response(await _run_json(request))

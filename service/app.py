@@ -40,6 +40,6 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             lifecycle.workers_ctx,
         ]
     )
-    app.on_shutdown.append(lifecycle.not_ready)
+    app.on_shutdown.extend([lifecycle.not_ready, lifecycle.end_streams])
     setup_routes(app)
     return app

@@ -309,3 +309,9 @@ async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
 async def not_ready(app: web.Application) -> None:
     """On shutdown: readiness turns false at once."""
     app[keys.HEALTH].ready = False
+
+
+async def end_streams(app: web.Application) -> None:
+    """On shutdown: the live streams (server-sent events) end, rather than holding the
+    shutdown for its grace period; browsers reconnect to another replica."""
+    app[keys.CHANGES].close()

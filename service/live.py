@@ -10,15 +10,27 @@ import contextlib
 
 class Changes:
     """A broadcast wake-up: ``wait`` returns at the next ``notify``, or after a timeout
-    (the views also poll, for changes no notice reaches, such as another SQLite process's)."""
+    (the views also poll, for changes no notice reaches, such as another SQLite process's).
+    ``close`` (at shutdown) wakes every waiter for good, so that streams end at once rather
+    than holding the shutdown for its whole grace period."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.closed = False
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout_s: float) -> None:
+    def close(self) -> None:
+        self.closed = True
+        self._event.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Whether a notice came (or the server is closing) before ``timeout_s``."""
+        if self.closed:
+            return True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout_s)
+            return True
+        return False

@@ -7,6 +7,7 @@ from aiohttp import web
 from service import api, webhooks
 from service.dashboard import setup_dashboard
 from service.metrics import metrics
+from service.openapi import openapi_json
 
 
 def setup_routes(app: web.Application) -> None:
@@ -25,4 +26,5 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
     r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi_json)
     setup_dashboard(app)
