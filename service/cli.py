@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from service.serving import loop_factory, serve_until_signal
 from service.settings import Settings
 from service.supervisor import child_arguments, supervise
 from service.tail import Tail, filter_policy, tail
+from service.views import pipelines_table, runs_table
 
 log = structlog.get_logger("wavechain.cli")
 
@@ -153,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep everything running afterwards, to look at the run on the dashboard",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (the run, the S3 objects, the events, the dashboard "
+        "URL) instead of the report",
+    )
 
     p = sub.add_parser(
         "serve",
@@ -194,9 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(p)
     p.add_argument("--wait", action="store_true", help="follow progress until the run ends")
 
-    p = sub.add_parser("status", parents=[server], help="show one run, stage by stage")
+    p = sub.add_parser(
+        "status",
+        parents=[server],
+        help="show one run as the tree of its stages",
+        description="Shows a run's stages as the graph they form (each under the stage it "
+        "waits for), with status, attempt, timings, cost, provider task id, error, and "
+        "the S3 keys of the outputs.",
+    )
     p.add_argument("run_id", help="the run's id (run_…)")
-    sub.add_parser("runs", parents=[server], help="list recent runs")
+    p = sub.add_parser("runs", parents=[server], help="list recent runs, newest first")
+    p.add_argument(
+        "--status",
+        choices=["running", "succeeded", "failed", "cancelled"],
+        help="only runs in this status",
+    )
+    p.add_argument("--pipeline", help="only runs of this pipeline")
+    p.add_argument(
+        "--limit", type=int, default=20, help="the most runs to list, 1..200 (default 20)"
+    )
+    sub.add_parser("pipelines", parents=[server], help="list the bundled pipelines and inputs")
     p = sub.add_parser("cancel", parents=[server], help="cancel a run")
     p.add_argument("run_id", help="the run's id (run_…)")
     p = sub.add_parser(
@@ -212,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check pipeline files without submitting anything")
     p.add_argument("files", nargs="+", help="pipeline YAML files")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per file: file, ok, and the pipeline's stages or the error",
+    )
 
     p = sub.add_parser("events", help="watch lifecycle events on the SNS topic")
     events = p.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
@@ -238,14 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate(files: Sequence[str]) -> int:
+def _validate(files: Sequence[str], *, as_json: bool = False) -> int:
     failed = False
     for name in files:
         try:
             pipeline = specs.load_file(name)
         except SpecError as exc:
-            print(exc, file=sys.stderr)
             failed = True
+            if as_json:
+                print(json.dumps({"file": name, "ok": False, "error": str(exc)}))
+            else:
+                print(exc, file=sys.stderr)
+            continue
+        if as_json:
+            stages = {
+                n: {"model": s.model, "needs": list(s.needs)} for n, s in pipeline.stages.items()
+            }
+            print(
+                json.dumps({"file": name, "ok": True, "pipeline": pipeline.name, "stages": stages})
+            )
             continue
         chain = ", ".join(f"{n} ({s.model})" for n, s in pipeline.stages.items())
         print(f"ok: {name}: pipeline '{pipeline.name}': {chain}")
@@ -285,11 +328,20 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
             await _show(client, await client.get_run(args.run_id), args)
             return 0
         if args.command == "runs":
-            runs = await client.list_runs()
+            if not 1 <= args.limit <= 200:
+                raise SpecError(f"--limit must be in range 1..200, got {args.limit}")
+            runs = await client.list_runs(args.limit, status=args.status, pipeline=args.pipeline)
             if args.json:
                 dump(runs, sys.stdout)
-            for run in [] if args.json else runs:
-                print(f"{run['id']}  {run['status']:<10} {run['pipeline']:<20} {run['created_at']}")
+            else:
+                print(runs_table(runs, time.time()))
+            return 0
+        if args.command == "pipelines":
+            pipelines = await client.pipelines()
+            if args.json:
+                dump(pipelines, sys.stdout)
+            else:
+                print(pipelines_table(pipelines))
             return 0
         if args.command == "retry":
             run = await client.retry(args.run_id, args.from_stage)
@@ -369,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "emulator":
             return _run_emulator(args, env)
         if args.command == "validate":
-            return _validate(args.files)
+            return _validate(args.files, as_json=args.json)
         if args.command == "serve":
             return _serve(args, env, sys.argv[1:] if argv is None else argv)
         if args.command == "events":
@@ -377,7 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             try:
                 result = asyncio.run(
-                    run_demo(args.pipeline, dict(args.set), latency_s=args.latency, keep=args.keep)
+                    run_demo(
+                        args.pipeline,
+                        dict(args.set),
+                        latency_s=args.latency,
+                        keep=args.keep,
+                        out=io.StringIO() if args.json else sys.stdout,
+                        on_result=(lambda r: dump(r, sys.stdout)) if args.json else None,
+                    )
                 )
             except KeyboardInterrupt:
                 return 0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, TextIO
+from urllib.parse import urlencode
 
 import aiohttp
+
+from service.views import MARK, stage_tree
 
 TERMINAL_RUN = {"succeeded", "failed", "cancelled"}
 
@@ -44,8 +48,18 @@ class ApiClient:
         result: dict[str, Any] = await self._call("GET", f"/v1/runs/{run_id}")
         return result
 
-    async def list_runs(self, limit: int = 20) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = (await self._call("GET", f"/v1/runs?limit={limit}"))["runs"]
+    async def list_runs(
+        self, limit: int = 20, *, status: str | None = None, pipeline: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = urlencode(
+            {"limit": limit, **({"status": status} if status else {}),
+             **({"pipeline": pipeline} if pipeline else {})}
+        )  # fmt: skip
+        result: list[dict[str, Any]] = (await self._call("GET", f"/v1/runs?{query}"))["runs"]
+        return result
+
+    async def pipelines(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/pipelines"))["pipelines"]
         return result
 
     async def retry(self, run_id: str, from_stage: str | None) -> dict[str, Any]:
@@ -58,18 +72,8 @@ class ApiClient:
         return result
 
 
-_MARK = {
-    "pending": "·",
-    "submitted": "→",
-    "processing": "⟳",
-    "succeeded": "✓",
-    "failed": "✗",
-    "cancelled": "⊘",
-}
-
-
 def stage_line(stage: dict[str, Any]) -> str:
-    mark = _MARK.get(stage["status"], "?")
+    mark = MARK.get(stage["status"], "?")
     task = f" task {stage['task_id'][:12]}" if stage.get("task_id") else ""
     elapsed = (stage.get("timings") or {}).get("elapsed_s")
     took = f" {elapsed:.2f}s" if elapsed is not None else ""
@@ -94,11 +98,8 @@ async def follow(
 
 
 def summary(run: dict[str, Any], out: TextIO) -> None:
-    print(f"run {run['id']} ({run['pipeline']}): {run['status']}", file=out)
-    for stage in run["stages"]:
-        print(stage_line(stage), file=out)
-        for url in stage["outputs"]:
-            print(f"      {url}", file=out)
+    """The run as the tree of its stages (service/views.py)."""
+    print(stage_tree(run, time.time()), file=out)
 
 
 def dump(value: Any, out: TextIO) -> None:

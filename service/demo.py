@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -117,9 +117,11 @@ async def run_demo(
     out: TextIO = sys.stdout,
     latency_s: float = 1.0,
     keep: bool = False,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``pipeline`` end to end on local parts; print what was made and the run's page
-    on the dashboard. With ``keep``, everything stays up until Ctrl-C."""
+    on the dashboard; hand the result to ``on_result``. With ``keep``, everything stays up
+    until Ctrl-C."""
     from emulator.app import create_emulator_app
     from emulator.faults import Faults
 
@@ -169,11 +171,15 @@ async def run_demo(
                 file=out,
             )
             await anyio.to_thread.run_sync(tail.close)
-            print(f"\ndashboard: {settings.base_url}/#/runs/{run['id']}", file=out)
+            dashboard = f"{settings.base_url}/#/runs/{run['id']}"
+            print(f"\ndashboard: {dashboard}", file=out)
+            result = {"run": final, "provider": counters, **report, "dashboard": dashboard}
+            if on_result is not None:
+                on_result(result)
             if keep:
                 print("kept up (the emulator, local AWS and wavechain): Ctrl-C to stop", file=out)
                 await _forever()
-            return {"run": final, "provider": counters, **report}
+            return result
     finally:
         for runner in reversed(runners):
             await runner.cleanup()

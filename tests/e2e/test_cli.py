@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,52 @@ def test_run_wait_json(stack: str) -> None:
     assert run["id"] in runs.stdout
 
 
+def test_runs_table_status_tree_and_json_for_scripts(stack: str) -> None:
+    """`runs` is an aligned table (filtered by status and pipeline), `status` the stage tree
+    with attempts, timings, costs and S3 keys; `--json` gives scripts the same data."""
+    ran = cli("run", "storyboard", "--wait", "--json", "--server", stack)
+    run = json.loads(ran.stdout)
+    table = cli("runs", "--pipeline", "storyboard", "--status", "succeeded", "--server", stack)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "STATUS", "PIPELINE", "STAGES", "AGE", "DURATION", "COST"]
+    assert any(line.startswith(run["id"]) and "3/3" in line for line in lines[1:])
+    assert all("storyboard" in line and "succeeded" in line for line in lines[1:])
+    assert len({line.index("PIPELINE") for line in lines[:1]} | {
+        line.index("storyboard") for line in lines[1:]}) == 1  # fmt: skip
+    none = cli("runs", "--status", "cancelled", "--pipeline", "storyboard", "--server", stack)
+    assert none.stdout.strip() == "no runs"
+    as_json = json.loads(
+        cli("runs", "--pipeline", "storyboard", "--json", "--server", stack).stdout
+    )
+    assert run["id"] in [r["id"] for r in as_json]
+    bad = cli("runs", "--limit", "0", "--server", stack)
+    assert bad.returncode == 2 and "--limit must be in range 1..200" in bad.stderr
+
+    tree = cli("status", run["id"], "--server", stack).stdout
+    assert "├─ clip" in tree or "└─ clip" in tree
+    assert "─ prop" in tree and "attempt 1" in tree and "cost —" in tree
+    for stage in run["stages"]:
+        assert f"task {stage['task_id']}" in tree
+        for key in stage["mirrored_outputs"] or stage["provider_outputs"]:
+            assert key[:60] in tree
+    # prop is drawn under keyframes, the stage it needs: deeper than the roots.
+    heads = {
+        n: next(t for t in tree.splitlines() if f"─ {n} " in t)
+        for n in ("clip", "keyframes", "prop")
+    }
+    depth = {n: t.index("─") for n, t in heads.items()}
+    assert depth["clip"] == depth["keyframes"] < depth["prop"]
+    assert json.loads(cli("status", run["id"], "--json", "--server", stack).stdout) == run | {
+        "updated_at": json.loads(cli("status", run["id"], "--json", "--server", stack).stdout)[
+            "updated_at"]}  # fmt: skip
+
+    pipelines = cli("pipelines", "--server", stack)
+    assert "image_video_3d" in pipelines.stdout and "clip, keyframes, prop" in pipelines.stdout
+    names = [p["name"] for p in json.loads(cli("pipelines", "--json", "--server", stack).stdout)]
+    assert names == ["image_video_3d", "storyboard"]
+
+
 def test_run_wait_shows_progress(stack: str) -> None:
     """Without --json, --wait shows each stage's progress and the outputs."""
     proc = cli("run", "storyboard", "--wait", "--server", stack)
@@ -117,6 +164,12 @@ def test_validate(tmp_path: Path) -> None:
     assert (
         f"{bad}: stage 'img': input.size: each dimension must be in range 256..1536" in proc.stderr
     )
+    both = cli("validate", "--json", "pipelines/examples/storyboard.yaml", str(bad))
+    assert both.returncode == 1
+    good, wrong = (json.loads(line) for line in both.stdout.splitlines())
+    assert good["ok"] and good["stages"]["prop"] == {
+        "model": "wavespeed-ai/hunyuan3d/v2.1", "needs": ["keyframes"]}  # fmt: skip
+    assert not wrong["ok"] and "input.size" in wrong["error"] and wrong["file"] == str(bad)
 
 
 def test_serve_refuses_bad_config() -> None:
@@ -132,7 +185,8 @@ def test_demo_completes_without_polling() -> None:
     """`wavechain demo` runs image → video + 3D end to end with zero result polls."""
     proc = cli("demo", "--latency", "0.2", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "image_video_3d): succeeded" in proc.stdout
+    assert "image_video_3d  ✓ succeeded" in proc.stdout
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/#/runs/run_", proc.stdout)
     assert "0 result polls" in proc.stdout and "3 signed webhooks" in proc.stdout
     for line in ("/image/0.png", "/video/0.mp4", "/mesh/0.glb", "image/png", "video/mp4",
                  "model/gltf-binary", "s3://wavechain-demo/runs/"):  # fmt: skip
@@ -141,6 +195,18 @@ def test_demo_completes_without_polling() -> None:
     for kind in ("run.started", "stage.submitted", "stage.succeeded", "run.succeeded"):
         assert kind in events
     assert events.count("stage.succeeded") == 3
+
+
+def test_demo_json_is_the_whole_result() -> None:
+    """`demo --json` prints one JSON document: the run, the S3 objects, the events and the
+    dashboard's URL of the run, and nothing else."""
+    proc = cli("demo", "--latency", "0.1", "--pipeline", "storyboard", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["run"]["status"] == "succeeded" and result["run"]["pipeline"] == "storyboard"
+    assert result["dashboard"].endswith(f"/#/runs/{result['run']['id']}")
+    assert {o["type"] for o in result["objects"]} >= {"image/png", "video/mp4"}
+    assert result["provider"].get("result_polls", 0) == 0 and result["provider"]["submits"] == 3
 
 
 def test_emulator_serves_faults_endpoint(stack: str) -> None:
