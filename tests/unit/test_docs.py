@@ -11,8 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 DOCS = [
     "README.md",
+    "docs/architecture.md",
     "docs/benchmarks.md",
     "docs/configuration.md",
+    "docs/operating.md",
     "docs/reliability.md",
     "infra/README.md",
 ]
@@ -24,8 +26,17 @@ def test_readme_is_short_and_has_the_sections_a_newcomer_needs() -> None:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text) < 15_000
     assert text.index("make demo") < text.index("make test") < 400
-    for section in ("## Architecture", "## Development", "## Configuration", "## Benchmarks"):
+    for section in (
+        "## Architecture",
+        "## Development",
+        "## Configuration",
+        "## Benchmarks",
+        "## Operating it",
+    ):
         assert section in text
+    # The run pages the browser test made, shown.
+    for shot in ("docs/screenshots/image_video_3d.png", "docs/screenshots/storyboard.png"):
+        assert f"]({shot})" in text and (ROOT / shot).stat().st_size > 10_000
     assert "docs/benchmarks.md" in text and "tests/bench/RESULTS.md" in text
 
 
