@@ -1,7 +1,8 @@
 """`make bench`: each benchmark beside its baseline in the same run; medians and ratios.
 
 Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
-Run one with `python -m tests.bench receiver` (or handoff, pipeline, mirror, events, scale).
+Run one with `python -m tests.bench receiver` (or handoff, pipeline, mirror, events, scale,
+metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.bench import benches, pipeline, scale
+from tests.bench import benches, metrics_cost, pipeline, scale
 
 HERE = Path(__file__).parent
 ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
@@ -25,6 +26,7 @@ ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
     "mirror": benches.mirror,
     "events": benches.events,
     "scale": scale.scale,
+    "metrics": metrics_cost.metrics_cost,
 }
 
 
@@ -42,6 +44,8 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         results[name] = ALL[name](work)
         results[name]["wall_s"] = round(time.monotonic() - t0, 1)
+        results[name]["date"] = datetime.now(UTC).isoformat(timespec="minutes")
+        results[name]["machine"] = benches.machine()
         print(json.dumps(results[name], indent=1), flush=True)
     meta = {"machine": benches.machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "total_s": round(time.monotonic() - started, 1)}  # fmt: skip

@@ -123,7 +123,9 @@ def _cpu_us(pid: int, before: float, result: dict[str, Any]) -> float:
     return float((benches.cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6)
 
 
-def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
+def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> dict[str, Any]:
+    """Prints each repetition and returns the medians: B's deliveries/s over A's and B's
+    CPU per delivery over A's, with every repetition's ratio and each side's rate."""
     with _workspace("wavechain-ab-") as (stack, work, emu):
         targets = {
             n: stack.enter_context(_target(s, n, emu, work)) for n, s in (("A", a), ("B", b))
@@ -138,6 +140,7 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
         tasks = benches.completed_tasks(emu, seeded, 100)
         ratios: list[float] = []
         cpu_ratios: list[float] = []
+        rates: dict[str, list[float]] = {"A": [], "B": []}
         for rep in range(reps):
             raw, procs, before = {}, {}, {}
             for i, (name, (url, _pid)) in enumerate(targets.items()):
@@ -157,11 +160,20 @@ def together(a: str, b: str, reps: int = 5, seconds: int = 6) -> None:
                 cpu[name] = _cpu_us(targets[name][1], before[name], result)
             ratios.append(rps["B"] / rps["A"])
             cpu_ratios.append(cpu["B"] / cpu["A"])
+            rates["A"].append(rps["A"])
+            rates["B"].append(rps["B"])
             print(f"rep {rep}: A {rps['A']:,.0f}/s {cpu['A']:.0f} µs  B {rps['B']:,.0f}/s "
                   f"{cpu['B']:.0f} µs  B/A {ratios[-1]:.3f}", flush=True)  # fmt: skip
         print(f"B/A deliveries/s: median {statistics.median(ratios):.3f} "
               f"{[round(r, 3) for r in ratios]}; CPU per delivery: median "
               f"{statistics.median(cpu_ratios):.3f}")  # fmt: skip
+        return {
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratios": [round(r, 3) for r in ratios],
+            "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+            "a_rps_median": round(statistics.median(rates["A"])),
+            "b_rps_median": round(statistics.median(rates["B"])),
+        }
 
 
 #: Deliveries measured per target by ``instructions`` (after 1,000 to warm up).

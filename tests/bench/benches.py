@@ -646,6 +646,14 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         "Raw numbers: `results.json`.",
         "",
     ]
+    # A run of some benchmarks keeps the others' figures from earlier runs: say which.
+    dated = [f"{name} {r['date']} ({r['machine']})" for name, r in results.items() if "date" in r]
+    if dated and len(dated) < len(results):
+        lines += [
+            "Measured in this run: " + "; ".join(dated) + ". The other sections are from the",
+            "last run that measured them (the whole suite: see docs/benchmarks.md).",
+            "",
+        ]
     if "receiver" in results:
         r = results["receiver"]
         med, p99 = r["rps_median"], r["p99_ms_median"]
@@ -870,4 +878,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         from tests.bench.scale import markdown as scale_markdown
 
         lines += scale_markdown(results["scale"])
+    if "metrics" in results:
+        from tests.bench.metrics_cost import markdown as metrics_markdown
+
+        lines += metrics_markdown(results["metrics"])
     return "\n".join(lines)
