@@ -14,7 +14,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.support.aws import AwsSandbox, sandbox
 from tests.support.browser import ARGS, find_chromium
-from tests.support.procs import free_port, serve_env, wavechain
+from tests.support.procs import emulator_and_serve
 
 SECRET = "whsec_ZGFzaGJvYXJkLXRlc3Q="
 TOKEN = "dashboard-token-for-the-test"
@@ -26,19 +26,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Itera
     bucket and an API token."""
     tmp = tmp_path_factory.mktemp("dashboard")
     aws: AwsSandbox = sandbox(moto_endpoint)
-    emu_port, port = free_port(), free_port()
-    emu = f"http://127.0.0.1:{emu_port}"
-    env = serve_env(
-        emu, port, tmp / "state.db", SECRET, S3_BUCKET=aws.bucket,
-        AWS_ENDPOINT_URL=moto_endpoint, AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing", WAVECHAIN_API_TOKEN=TOKEN,
-    )  # fmt: skip
-    with (
-        wavechain("emulator", "--port", str(emu_port), "--latency", "1.5",
-                  "--webhook-secret", SECRET, port=emu_port, log=tmp / "emu.log"),
-        wavechain("--log-json", "serve", port=port, log=tmp / "serve.log", env=env),
-    ):  # fmt: skip
-        yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp}
+    env = {
+        "S3_BUCKET": aws.bucket, "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "WAVECHAIN_API_TOKEN": TOKEN,
+    }  # fmt: skip
+    with emulator_and_serve(tmp, SECRET, env, latency=1.5) as url:
+        yield {"url": url, "tmp": tmp}
     log = (tmp / "serve.log").read_text()
     assert TOKEN not in log and "ZGFzaGJvYXJk" not in log
 

@@ -25,7 +25,7 @@ from service.openapi import document
 from service.routes import setup_routes
 from tests.support.aws import AwsSandbox, sandbox
 from tests.support.postgres import Databases
-from tests.support.procs import free_port, serve_env, wavechain
+from tests.support.procs import emulator_and_serve
 
 SECRET = "whsec_b3BlbmFwaS10ZXN0LXNlY3JldA=="
 TOKEN = "openapi-token-for-the-test"
@@ -132,24 +132,17 @@ def live(
     cancelled, one failed: the answers schemathesis checks hold real data."""
     tmp = tmp_path_factory.mktemp(f"openapi-{request.param}")
     aws: AwsSandbox = sandbox(moto_endpoint)
-    emu_port, port = free_port(), free_port()
-    emu = f"http://127.0.0.1:{emu_port}"
     database = (
         asyncio.run(pg_databases.create())
         if request.param == "postgres"
-        else f"sqlite:///{tmp}/s.db"
+        else f"sqlite:///{tmp}/state.db"
     )
-    env = serve_env(
-        emu, port, tmp / "unused.db", SECRET, DATABASE_URL=database, S3_BUCKET=aws.bucket,
-        AWS_ENDPOINT_URL=moto_endpoint, AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing", SNS_TOPIC_ARN=aws.topic_arn, WAVECHAIN_API_TOKEN=TOKEN,
-    )  # fmt: skip
-    with (
-        wavechain("emulator", "--port", str(emu_port), "--latency", "0.2",
-                  "--webhook-secret", SECRET, port=emu_port, log=tmp / "emu.log"),
-        wavechain("--log-json", "serve", port=port, log=tmp / "serve.log", env=env),
-    ):  # fmt: skip
-        api = f"http://127.0.0.1:{port}"
+    env = {
+        "DATABASE_URL": database, "S3_BUCKET": aws.bucket, "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "SNS_TOPIC_ARN": aws.topic_arn, "WAVECHAIN_API_TOKEN": TOKEN,
+    }  # fmt: skip
+    with emulator_and_serve(tmp, SECRET, env, latency=0.2) as api:
         ids = []
         for pipeline in ("image_video_3d", "storyboard"):
             r = requests.post(

@@ -70,3 +70,21 @@ def serve_env(
         "WAVESPEED_BASE_URL": emulator, "AIMLAPI_BASE_URL": emulator, "WAVECHAIN_PORT": str(port),
         "DATABASE_URL": f"sqlite:///{db}", "WAVESPEED_WEBHOOK_SECRETS": secret, **extra,
     }  # fmt: skip
+
+
+@contextmanager
+def emulator_and_serve(
+    tmp: Path, secret: str, env: Mapping[str, str], *, latency: float
+) -> Iterator[str]:
+    """`wavechain emulator` and `wavechain --log-json serve` as processes, wired together
+    (``env`` adds to, or overrides, ``serve_env``'s); yields the API's URL. Their logs are
+    ``tmp/emu.log`` and ``tmp/serve.log``."""
+    emu_port, port = free_port(), free_port()
+    emu = f"http://127.0.0.1:{emu_port}"
+    full = {**serve_env(emu, port, tmp / "state.db", secret), **env}
+    with (
+        wavechain("emulator", "--port", str(emu_port), "--latency", str(latency),
+                  "--webhook-secret", secret, port=emu_port, log=tmp / "emu.log"),
+        wavechain("--log-json", "serve", port=port, log=tmp / "serve.log", env=full),
+    ):  # fmt: skip
+        yield f"http://127.0.0.1:{port}"
