@@ -52,6 +52,7 @@ from pipelines.state import (
     TaskSucceeded,
 )
 from pipelines.store import Job, Store, WebhookOutcome
+from pipelines.store.records import Idempotency
 
 log = structlog.get_logger("wavechain.engine")
 
@@ -130,11 +131,23 @@ class Engine:
                 "server: set it, or point the provider's base URL at a local emulator"
             )
 
-    async def create_run(self, pipeline: Pipeline, inputs: Mapping[str, Any]) -> str:
+    async def create_run(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any],
+        *,
+        idempotency: Idempotency | None = None,
+    ) -> str:
+        """The new run's id. With ``idempotency`` whose key names a run already, raises
+        ``IdempotentReplay`` (from the store) and starts nothing."""
         self.check_providers(pipeline)
         bound = bind_inputs(pipeline, inputs)  # SpecError before anything is written
         run_id = await self.store.create_run(
-            pipeline, bound, now=self._clock(), mirror=self._mirror is not None
+            pipeline,
+            bound,
+            now=self._clock(),
+            mirror=self._mirror is not None,
+            idempotency=idempotency,
         )
         log.info("run.created", run_id=run_id, pipeline=pipeline.name)
         return run_id

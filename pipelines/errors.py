@@ -6,6 +6,7 @@ WavechainError                      every error wavechain raises on purpose (``s
 │   └── PipelineTooLargeError       over a configured limit (stages, size, nesting)
 ├── ProviderNotConfiguredError      a run needs a provider that has no key (names variable, stage)
 ├── InvalidTransitionError          an event no valid history produces (cancel an ended run)
+├── IdempotencyKeyReusedError       an Idempotency-Key sent again with a different request
 ├── ConcurrentUpdateError           another writer changed a run between read and write
 ├── WebhookVerificationError        a callback failed signature/timestamp checks (``reason``)
 └── ProviderError                   a provider call failed (``retryable``, ``status``)
@@ -51,6 +52,12 @@ class InvalidTransitionError(WavechainError):
     """An event that no valid history can produce (unknown stage, cancel an ended run)."""
 
     status_hint = 409
+
+
+class IdempotencyKeyReusedError(WavechainError):
+    """An Idempotency-Key already names a run started by a different request."""
+
+    status_hint = 422
 
 
 class ConcurrentUpdateError(WavechainError):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -14,7 +16,8 @@ from aiohttp_sse import sse_response
 
 from pipelines import spec as specs
 from pipelines.catalog import get_model
-from pipelines.errors import PipelineTooLargeError, SpecError
+from pipelines.errors import IdempotencyKeyReusedError, PipelineTooLargeError, SpecError
+from pipelines.store.records import Idempotency, IdempotentReplay
 from service import keys
 from service.bodies import read_capped
 
@@ -78,8 +81,25 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
+#: What an Idempotency-Key may be: 1 to 255 visible ASCII characters.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _idempotency(request: web.Request, body: dict[str, Any]) -> Idempotency | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise SpecError("Idempotency-Key: must be 1 to 255 visible ASCII characters")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return Idempotency(key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
 async def create_run(request: web.Request) -> web.Response:
+    """201 with the new run; with an Idempotency-Key that already started a run from the
+    same request, 200 with that run (``Idempotent-Replayed: true``) and nothing started."""
     body = await _json(request)
+    idempotency = _idempotency(request, body)
     unknown = set(body) - {"pipeline", "inputs"}
     if unknown:
         raise SpecError(f"unknown fields {sorted(unknown)} (expected pipeline, inputs)")
@@ -95,7 +115,20 @@ async def create_run(request: web.Request) -> web.Response:
     if not isinstance(inputs, dict):
         raise SpecError("inputs: must be an object of input name to value")
     engine = request.app[keys.ENGINE]
-    run_id = await engine.create_run(pipeline, inputs)
+    try:
+        run_id = await engine.create_run(pipeline, inputs, idempotency=idempotency)
+    except IdempotentReplay as replay:
+        assert idempotency is not None  # noqa: S101 - only raised for a key
+        if replay.request_hash != idempotency.request_hash:
+            raise IdempotencyKeyReusedError(
+                f"Idempotency-Key {idempotency.key!r} already started run {replay.run_id} "
+                "with a different request; use a new key for a new request"
+            ) from None
+        view = await request.app[keys.STORE].get_run(replay.run_id)
+        assert view is not None  # noqa: S101 - runs are not deleted while referenced here
+        return web.json_response(
+            view.as_json(), status=200, headers={"Idempotent-Replayed": "true"}
+        )
     view = await request.app[keys.STORE].get_run(run_id)
     assert view is not None  # noqa: S101 - just written in the same process
     return web.json_response(view.as_json(), status=201)

@@ -18,6 +18,7 @@ from pipelines import spec as specs
 from pipelines.state import Decision, Event
 from pipelines.store.records import (
     DueStage,
+    Idempotency,
     Job,
     OutboxRow,
     Pruned,
@@ -77,7 +78,12 @@ class Store(Protocol):
         *,
         now: float,
         mirror: bool = False,
-    ) -> str: ...
+        idempotency: Idempotency | None = None,
+    ) -> str:
+        """The new run's id; with ``idempotency`` whose key already names a run, raises
+        ``IdempotentReplay`` naming it, atomically (two requests with one key, on any
+        replicas, make one run)."""
+        ...
 
     async def apply(
         self, run_id: str, event: Event, *, now: float, finish_job: int | None = None

@@ -47,6 +47,8 @@ from pipelines.store.postgres_writes import EVENTS_CHANNEL, JOBS_CHANNEL, Writes
 from pipelines.store.records import (
     Cursor,
     DueStage,
+    Idempotency,
+    IdempotentReplay,
     Job,
     OutboxRow,
     Pruned,
@@ -300,16 +302,22 @@ class PostgresStore:
         *,
         now: float,
         mirror: bool = False,
+        idempotency: Idempotency | None = None,
     ) -> str:
         run_id = f"run_{uuid.uuid4().hex[:20]}"
         spec_text = json.dumps(pipeline.source)
-        self._cache.add_pipeline(run_id, pipeline, len(spec_text))
         state = initial_state(run_id, pipeline, mirror=mirror)
+        key, digest = idempotency or (None, None)
 
-        async def op(conn: Any) -> None:
-            await conn.execute(
+        async def op(conn: Any) -> tuple[str, str] | None:
+            # ON CONFLICT waits for a concurrent insert of the same key to commit, then does
+            # nothing; the SELECT (a new snapshot, READ COMMITTED) then sees that run.
+            inserted = await conn.fetchval(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
-                "updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                "updated_at, idempotency_key, request_hash) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9) "
+                "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
+                "RETURNING id",
                 run_id,
                 pipeline.name,
                 spec_text,
@@ -317,7 +325,14 @@ class PostgresStore:
                 state.status.value,
                 mirror,
                 now,
+                key,
+                digest,
             )
+            if inserted is None:
+                found = await conn.fetchrow(
+                    "SELECT id, request_hash FROM runs WHERE idempotency_key = $1", key
+                )
+                return str(found["id"]), str(found["request_hash"])
             await conn.executemany(
                 "INSERT INTO stages (run_id, name, model, status, position, needs) "
                 "VALUES ($1, $2, $3, $4, $5, $6)",
@@ -334,8 +349,12 @@ class PostgresStore:
                 ],
             )
             await self._apply_events(conn, run_id, [Start()], now)
+            return None
 
-        await self._tx(op)
+        self._cache.add_pipeline(run_id, pipeline, len(spec_text))
+        replay = await self._tx(op)
+        if replay is not None:
+            raise IdempotentReplay(*replay)
         self._changed()
         return run_id
 

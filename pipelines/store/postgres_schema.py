@@ -114,6 +114,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';
     """,
+    # 3: the client's Idempotency-Key of the request that started a run, and its digest.
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE runs ADD COLUMN request_hash TEXT;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )
 
 

@@ -183,3 +183,18 @@ class Pruned(NamedTuple):
     deliveries: int
     events: int
     attempts: int
+
+
+class Idempotency(NamedTuple):
+    """A client's Idempotency-Key and a digest of the request it came with."""
+
+    key: str
+    request_hash: str
+
+
+class IdempotentReplay(Exception):
+    """Raised by ``create_run``: the key already names a run (nothing was written)."""
+
+    def __init__(self, run_id: str, request_hash: str) -> None:
+        super().__init__(run_id)
+        self.run_id, self.request_hash = run_id, request_hash

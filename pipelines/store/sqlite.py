@@ -40,6 +40,8 @@ from pipelines.store.interface import Listener, StoreConfig
 from pipelines.store.records import (
     Cursor,
     DueStage,
+    Idempotency,
+    IdempotentReplay,
     Job,
     OutboxRow,
     Pruned,
@@ -261,17 +263,24 @@ class SqliteStore:
         *,
         now: float,
         mirror: bool = False,
+        idempotency: Idempotency | None = None,
     ) -> str:
         run_id = f"run_{uuid.uuid4().hex[:20]}"
         spec_text = json.dumps(pipeline.source)
         inputs_text = json.dumps(dict(inputs))
-        self._cache.add_pipeline(run_id, pipeline, len(spec_text))
         state = initial_state(run_id, pipeline, mirror=mirror)
+        key, digest = idempotency or (None, None)
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            if key is not None:  # inside the write transaction: one writer at a time
+                found = conn.execute(
+                    "SELECT id, request_hash FROM runs WHERE idempotency_key = ?", (key,)
+                ).fetchone()
+                if found is not None:
+                    return found[0], found[1]
             conn.execute(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     pipeline.name,
@@ -281,6 +290,8 @@ class SqliteStore:
                     int(mirror),
                     now,
                     now,
+                    key,
+                    digest,
                 ),
             )
             conn.executemany(
@@ -299,8 +310,12 @@ class SqliteStore:
                 ],
             )
             self._apply(conn, run_id, Start(), now)
+            return None
 
-        await self._write(op)
+        self._cache.add_pipeline(run_id, pipeline, len(spec_text))
+        replay = await self._write(op)
+        if replay is not None:
+            raise IdempotentReplay(*replay)
         self._changed()
         return run_id
 

@@ -106,4 +106,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE stages ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';
     """,
+    # 4: the client's Idempotency-Key of the request that started a run, and its digest.
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE runs ADD COLUMN request_hash TEXT;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )

@@ -303,3 +303,38 @@ def _first_event(response: requests.Response) -> list[str]:
         if line and not line.startswith(":"):
             lines.append(line)
     raise AssertionError(f"the stream ended after {lines}")
+
+
+@pytest.mark.e2e
+def test_an_idempotency_key_makes_one_run(live: dict[str, Any], api_schema: Any) -> None:
+    """Eight requests with one Idempotency-Key, at once: one run, which every answer names
+    (201 for the first, 200 replayed for the others); the key with another request is a
+    422; a key the document forbids is a 400. Over real processes, on both stores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    api, key = live["api"], f"test-{time.monotonic_ns()}"
+    body = {"pipeline": "image_video_3d", "inputs": {"prompt": f"once {key}"}}
+
+    def post(_: int) -> requests.Response:
+        headers = {**AUTH, "Idempotency-Key": key}
+        return requests.post(f"{api}/v1/runs", json=body, headers=headers, timeout=30)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
+    assert sorted(a.status_code for a in answers) == [200] * 7 + [201], [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert all(
+        a.headers.get("Idempotent-Replayed") == "true" for a in answers if a.status_code == 200
+    )
+    page = requests.get(f"{api}/v1/runs", params={"limit": 200}, headers=AUTH, timeout=10).json()
+    assert [r["inputs"].get("prompt") for r in page["runs"]].count(f"once {key}") == 1
+
+    other = {**body, "inputs": {"prompt": "something else"}}
+    case = api_schema["/v1/runs"]["POST"].Case(
+        body=other, headers={"Idempotency-Key": key}, media_type="application/json"
+    )
+    reused = case.call_and_validate(headers=AUTH)
+    assert reused.status_code == 422 and "different request" in reused.json()["error"]
+    bad = requests.post(f"{api}/v1/runs", json=body, headers={**AUTH, "Idempotency-Key": "a b"},
+                        timeout=10)  # fmt: skip
+    assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]

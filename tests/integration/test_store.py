@@ -17,6 +17,7 @@ from pipelines import spec as specs
 from pipelines.errors import InvalidTransitionError, SpecError
 from pipelines.state import Submitted, TaskFailed, TaskSucceeded
 from pipelines.store import Job, Store, StoreConfig, WebhookOutcome, open_store
+from pipelines.store.records import Idempotency, IdempotentReplay
 from tests.support.postgres import Databases
 
 IMG = "wavespeed-ai/hunyuan-image-2.1"
@@ -203,6 +204,32 @@ async def test_duplicates_from_several_connections_apply_once(open_: OpenStore) 
     types = Counter(e["type"] for e in await stores[1].outbox(run_id))
     assert types["stage.succeeded"] == 1 and types["run.succeeded"] == 1
     assert len(await stores[2].deliveries(run_id)) == 2
+
+
+async def test_one_idempotency_key_makes_one_run_across_stores(open_: OpenStore) -> None:
+    """Three stores (replicas) create a run with one key, four times each, at once: one
+    run is written; every other call names it and writes nothing (no stage, no job)."""
+    stores = [await open_() for _ in range(3)]
+    key = Idempotency("key-1", "digest-1")
+
+    async def create(store: Store) -> str:
+        try:
+            return await store.create_run(PIPELINE, {}, now=100.0, idempotency=key)
+        except IdempotentReplay as replay:
+            assert replay.request_hash == "digest-1"
+            return "replay:" + replay.run_id
+
+    results = await asyncio.gather(*(create(s) for s in stores for _ in range(4)))
+    created = [r for r in results if not r.startswith("replay:")]
+    assert len(created) == 1
+    assert {r.removeprefix("replay:") for r in results} == set(created)
+    page = await stores[1].list_runs(limit=50)
+    assert [r.id for r in page.runs] == created
+    assert len(await stores[2].claim_jobs(now=200.0, limit=10, lease_s=30)) == 1
+    # Another key, or none, makes another run.
+    other = await stores[0].create_run(PIPELINE, {}, now=101.0, idempotency=Idempotency("k2", "d"))
+    plain = await stores[0].create_run(PIPELINE, {}, now=102.0)
+    assert len({other, plain, *created}) == 3
 
 
 async def test_two_workers_never_claim_the_same_job(open_: OpenStore) -> None:
