@@ -313,7 +313,7 @@ def test_an_idempotency_key_makes_one_run(live: dict[str, Any], api_schema: Any)
     from concurrent.futures import ThreadPoolExecutor
 
     api, key = live["api"], f"test-{time.monotonic_ns()}"
-    body = {"pipeline": "image_video_3d", "inputs": {"prompt": f"once {key}"}}
+    body: dict[str, Any] = {"pipeline": "image_video_3d", "inputs": {"prompt": f"once {key}"}}
 
     def post(_: int) -> requests.Response:
         headers = {**AUTH, "Idempotency-Key": key}
