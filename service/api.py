@@ -17,6 +17,7 @@ from aiohttp_sse import sse_response
 from pipelines import spec as specs
 from pipelines.catalog import get_model
 from pipelines.errors import IdempotencyKeyReusedError, PipelineTooLargeError, SpecError
+from pipelines.prices import estimate
 from pipelines.store.records import Idempotency, IdempotentReplay
 from service import keys
 from service.bodies import read_capped
@@ -95,11 +96,10 @@ def _idempotency(request: web.Request, body: dict[str, Any]) -> Idempotency | No
     return Idempotency(key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
-async def create_run(request: web.Request) -> web.Response:
-    """201 with the new run; with an Idempotency-Key that already started a run from the
-    same request, 200 with that run (``Idempotent-Replayed: true``) and nothing started."""
-    body = await _json(request)
-    idempotency = _idempotency(request, body)
+async def _pipeline_and_inputs(
+    request: web.Request, body: dict[str, Any]
+) -> tuple[specs.Pipeline, dict[str, Any]]:
+    """The body of POST /v1/runs (and /estimate): its pipeline, parsed, and its inputs."""
     unknown = set(body) - {"pipeline", "inputs"}
     if unknown:
         raise SpecError(f"unknown fields {sorted(unknown)} (expected pipeline, inputs)")
@@ -114,6 +114,21 @@ async def create_run(request: web.Request) -> web.Response:
     inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
         raise SpecError("inputs: must be an object of input name to value")
+    return pipeline, inputs
+
+
+async def estimate_run(request: web.Request) -> web.Response:
+    """What a run would cost (the price table's view), without starting it."""
+    pipeline, inputs = await _pipeline_and_inputs(request, await _json(request))
+    return web.json_response(estimate(pipeline, inputs, request.app[keys.PRICES]))
+
+
+async def create_run(request: web.Request) -> web.Response:
+    """201 with the new run; with an Idempotency-Key that already started a run from the
+    same request, 200 with that run (``Idempotent-Replayed: true``) and nothing started."""
+    body = await _json(request)
+    idempotency = _idempotency(request, body)
+    pipeline, inputs = await _pipeline_and_inputs(request, body)
     engine = request.app[keys.ENGINE]
     try:
         run_id = await engine.create_run(pipeline, inputs, idempotency=idempotency)

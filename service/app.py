@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from pipelines.health import Loops
+from pipelines.prices import load_prices
 from service import keys, lifecycle
 from service.live import Changes
 from service.middlewares import context_and_errors, require_token
@@ -26,6 +27,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app[keys.HEALTH] = keys.Health()
     app[keys.LOOPS] = Loops(dead_after_s=settings.liveness_failure_s)
     app[keys.CHANGES] = Changes()
+    app[keys.PRICES] = load_prices(settings.prices_file)  # ConfigError before serving
     app.cleanup_ctx.extend(
         [
             lifecycle.http_ctx,

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
+from pipelines.prices import PriceTable, estimate, load_prices
 from pipelines.providers import is_loopback
 from pipelines.store import parse_database_url
 from service.aws import make_clients
@@ -30,7 +31,7 @@ from service.serving import loop_factory, serve_until_signal
 from service.settings import Settings
 from service.supervisor import child_arguments, supervise
 from service.tail import Tail, filter_policy, tail
-from service.views import pipelines_table, runs_table
+from service.views import estimate_table, pipelines_table, runs_table
 
 log = structlog.get_logger("wavechain.cli")
 
@@ -244,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object per file: file, ok, and the pipeline's stages or the error",
     )
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="also estimate each file's cost with its inputs (--set), by the price table "
+        "($PRICES_FILE or the shipped one): per stage, in total, and with every retry spent",
+    )
+    _add_inputs(p)
 
     p = sub.add_parser("events", help="watch lifecycle events on the SNS topic")
     events = p.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
@@ -270,11 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate(files: Sequence[str], *, as_json: bool = False) -> int:
+def _validate(
+    files: Sequence[str],
+    *,
+    as_json: bool = False,
+    prices: PriceTable | None = None,
+    inputs: Mapping[str, Any] | None = None,
+) -> int:
     failed = False
     for name in files:
         try:
             pipeline = specs.load_file(name)
+            cost = (
+                estimate(pipeline, inputs or {}, prices, where=name) if prices is not None else None
+            )
         except SpecError as exc:
             failed = True
             if as_json:
@@ -286,12 +303,13 @@ def _validate(files: Sequence[str], *, as_json: bool = False) -> int:
             stages = {
                 n: {"model": s.model, "needs": list(s.needs)} for n, s in pipeline.stages.items()
             }
-            print(
-                json.dumps({"file": name, "ok": True, "pipeline": pipeline.name, "stages": stages})
-            )
+            line = {"file": name, "ok": True, "pipeline": pipeline.name, "stages": stages}
+            print(json.dumps(line | ({"estimate": cost} if cost is not None else {})))
             continue
         chain = ", ".join(f"{n} ({s.model})" for n, s in pipeline.stages.items())
         print(f"ok: {name}: pipeline '{pipeline.name}': {chain}")
+        if cost is not None:
+            print(estimate_table(cost))
     return 1 if failed else 0
 
 
@@ -421,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "emulator":
             return _run_emulator(args, env)
         if args.command == "validate":
-            return _validate(args.files, as_json=args.json)
+            prices = load_prices(env.get("PRICES_FILE") or None) if args.estimate else None
+            return _validate(args.files, as_json=args.json, prices=prices, inputs=dict(args.set))
         if args.command == "serve":
             return _serve(args, env, sys.argv[1:] if argv is None else argv)
         if args.command == "events":

@@ -13,6 +13,7 @@ from anyio import CapacityLimiter
 from pipelines.engine import Engine
 from pipelines.events import OutboxRelay
 from pipelines.health import Loops
+from pipelines.prices import PriceTable
 from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
 from pipelines.store import Store
@@ -59,5 +60,6 @@ AIML = web.AppKey("aiml", AimlClient)
 ENGINE = web.AppKey("engine", Engine)
 RELAY = web.AppKey("relay", OutboxRelay)
 SWEEPER = web.AppKey("sweeper", Sweeper)
+PRICES = web.AppKey("prices", PriceTable)
 #: Fields a handler adds to its request's one access line (what it did, for whom).
 ACCESS_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("access_fields")

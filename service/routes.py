@@ -14,6 +14,7 @@ def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/webhooks/wavespeed/{token}", webhooks.wavespeed_webhook)
     r.add_post("/v1/runs", api.create_run)
+    r.add_post("/v1/runs/estimate", api.estimate_run)
     r.add_get("/v1/runs", api.list_runs)
     r.add_get("/v1/runs/stream", api.runs_stream)
     r.add_get("/v1/runs/{id}", api.get_run)

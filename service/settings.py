@@ -86,6 +86,8 @@ class Settings:
     #: Tries of one event SNS refuses before it is parked (a dead letter), and the first
     #: wait between them (doubling).
     event_max_tries: int = 8
+    #: The price table (pipelines/prices.py); None: the shipped defaults.
+    prices_file: str | None = None
     event_retry_base_s: float = 1.0
     #: How often a webhook secret fetched from the provider is fetched again.
     webhook_secret_refresh_s: float = 3600.0
@@ -232,6 +234,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("SHUTDOWN_GRACE_S", "shutdown_grace_s", _ranged(0, 600)),
     ("DRAIN_DELAY_S", "drain_delay_s", _ranged(0, 120)),
     ("EVENT_MAX_TRIES", "event_max_tries", _ranged(1, 100)),
+    ("PRICES_FILE", "prices_file", _str),
     ("BODY_READ_TIMEOUT_S", "body_read_timeout_s", _ranged(1, 600)),
     ("KEEPALIVE_TIMEOUT_S", "keepalive_timeout_s", _ranged(1, 3600)),
     ("MAX_CONNECTIONS", "max_connections", _ranged(10, 1_000_000)),

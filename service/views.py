@@ -176,3 +176,21 @@ def pipelines_table(pipelines: Sequence[dict[str, Any]]) -> str:
         )
         rows.append([p["name"], ", ".join(p["stages"]), inputs or UNKNOWN])
     return table(["PIPELINE", "STAGES", "INPUTS"], rows) if rows else "no pipelines"
+
+
+def estimate_table(e: dict[str, Any]) -> str:
+    """A run's estimate: each stage's price per attempt and at worst, then the totals and
+    which prices are unknown."""
+    rows = [
+        [name, s["model"], cost(s["usd"]), str(s["attempts_at_most"]), cost(s["worst_case_usd"])]
+        for name, s in e["stages"].items()
+    ]
+    lines = [table(["STAGE", "MODEL", "PER ATTEMPT", "ATTEMPTS", "WORST CASE"], rows)]
+    known = "" if e["complete"] else " (of the known prices)"
+    lines.append(
+        f"total: {cost(e['expected_usd'])}, {cost(e['worst_case_usd'])} with every retry "
+        f"spent{known}"
+    )
+    if e["unknown"]:
+        lines.append(f"unknown prices: {', '.join(e['unknown'])} (set them in PRICES_FILE)")
+    return "\n".join(lines)

@@ -172,6 +172,29 @@ def test_validate(tmp_path: Path) -> None:
     assert not wrong["ok"] and "input.size" in wrong["error"] and wrong["file"] == str(bad)
 
 
+def test_validate_estimate_uses_the_price_table(tmp_path: Path) -> None:
+    """`validate --estimate` prices each stage by $PRICES_FILE with the given inputs, says
+    which prices are unknown, and refuses a bad table naming the field."""
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(
+        "models:\n  wavespeed-ai/hunyuan-image-2.1: {usd: 0.05}\n"
+        "  wavespeed-ai/hunyuan-video/i2v: {usd: 0.40, when: {duration: {10: 0.80}}}\n"
+    )
+    env = {"PRICES_FILE": str(prices)}
+    example = "pipelines/examples/image_video_3d.yaml"
+    proc = cli("validate", "--estimate", "--json", example, env=env)
+    assert proc.returncode == 0, proc.stderr
+    e = json.loads(proc.stdout)["estimate"]
+    assert e["stages"]["image"]["usd"] == 0.05 and e["unknown"] == ["mesh"]
+    assert e["expected_usd"] == 0.45 and e["worst_case_usd"] == 0.85
+    table = cli("validate", "--estimate", example, env=env)
+    assert "total: $0.45, $0.85 with every retry spent" in table.stdout
+    assert "unknown prices: mesh" in table.stdout
+    prices.write_text("models:\n  x: {usd: free}\n")
+    bad = cli("validate", "--estimate", example, env=env)
+    assert bad.returncode == 2 and "models.x.usd: must be a price" in bad.stderr
+
+
 def test_serve_refuses_bad_config() -> None:
     """A bad variable stops `serve` with a message naming it."""
     proc = cli("serve", env={"WAVECHAIN_PORT": "http"})

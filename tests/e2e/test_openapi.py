@@ -190,7 +190,7 @@ CASES = sorted(
 #: Requests the document allows that are still refused, on purpose: a run's spec is checked
 #: beyond what JSON Schema can say (known models, each model's parameters, references
 #: between stages), and a page's cursor is opaque (only one the API returned is valid).
-SEMANTIC_400 = {"createRun", "listRuns"}
+SEMANTIC_400 = {"createRun", "estimateRun", "listRuns"}
 
 
 @pytest.mark.e2e
@@ -338,3 +338,27 @@ def test_an_idempotency_key_makes_one_run(live: dict[str, Any], api_schema: Any)
     bad = requests.post(f"{api}/v1/runs", json=body, headers={**AUTH, "Idempotency-Key": "a b"},
                         timeout=10)  # fmt: skip
     assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]
+
+
+@pytest.mark.e2e
+def test_an_estimate_prices_a_run_without_starting_it(
+    live: dict[str, Any], api_schema: Any
+) -> None:
+    """POST /v1/runs/estimate takes the body of POST /v1/runs: the shipped table knows the
+    video's price only, so the other stages are named unknown, not counted; no run starts."""
+    api = live["api"]
+    before = requests.get(f"{api}/v1/runs", params={"limit": 200}, headers=AUTH, timeout=10)
+    case = api_schema["/v1/runs/estimate"]["POST"].Case(
+        body={"pipeline": "image_video_3d", "inputs": {"seed": 7}}, media_type="application/json"
+    )
+    answer = case.call_and_validate(headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    e = answer.json()
+    assert e["stages"]["video"]["usd"] == 0.4 and e["stages"]["video"]["attempts_at_most"] == 2
+    assert e["expected_usd"] == 0.4 and e["worst_case_usd"] == 0.8
+    assert sorted(e["unknown"]) == ["image", "mesh"] and e["complete"] is False
+    bad = requests.post(f"{api}/v1/runs/estimate", json={"pipeline": "image_video_3d",
+                        "inputs": {"seed": "x"}}, headers=AUTH, timeout=10)  # fmt: skip
+    assert bad.status_code == 400 and "inputs.seed" in bad.json()["error"]
+    after = requests.get(f"{api}/v1/runs", params={"limit": 200}, headers=AUTH, timeout=10)
+    assert len(after.json()["runs"]) == len(before.json()["runs"])
