@@ -18,6 +18,7 @@ from pipelines import spec as specs
 from pipelines.catalog import get_model
 from pipelines.errors import IdempotencyKeyReusedError, PipelineTooLargeError, SpecError
 from pipelines.prices import estimate
+from pipelines.state import RunStatus
 from pipelines.store.records import Idempotency, IdempotentReplay
 from service import keys
 from service.bodies import read_capped
@@ -151,7 +152,7 @@ async def create_run(request: web.Request) -> web.Response:
 
 #: The most runs one page holds.
 MAX_PAGE = 200
-RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+RUN_STATUSES = tuple(status.value for status in RunStatus)
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -177,13 +178,19 @@ async def list_runs(request: web.Request) -> web.Response:
     )
 
 
+def _storable(value: str, longest: int) -> bool:
+    """Whether a text from the request is one the store could hold and compare: not too
+    long, and no NUL (which no database text column can store)."""
+    return len(value) <= longest and "\x00" not in value
+
+
 def _text_param(request: web.Request, name: str, longest: int) -> str | None:
-    """A text query parameter: absent or empty is None; too long, or holding a NUL (which
-    no database column can), is a 400."""
+    """A text query parameter: absent or empty is None; one the store could not hold is
+    a 400."""
     value = request.query.get(name)
     if not value:
         return None
-    if len(value) > longest or "\x00" in value:
+    if not _storable(value, longest):
         raise SpecError(f"{name}: must be at most {longest} characters, with no NUL")
     return value
 
@@ -192,11 +199,7 @@ async def _run_json(request: web.Request) -> dict[str, Any]:
     """The run named in the path, as JSON; 404 if there is none (an id no run could have,
     too long or holding a NUL, included)."""
     run_id = request.match_info["id"]
-    view = (
-        None
-        if len(run_id) > 100 or "\x00" in run_id
-        else await request.app[keys.STORE].get_run(run_id)
-    )
+    view = await request.app[keys.STORE].get_run(run_id) if _storable(run_id, 100) else None
     if view is None:
         raise web.HTTPNotFound(text='{"error": "no such run"}', content_type="application/json")
     return view.as_json()

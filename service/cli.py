@@ -22,6 +22,7 @@ from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
 from pipelines.prices import PriceTable, estimate, load_prices
 from pipelines.providers import is_loopback
+from pipelines.state import RunStatus
 from pipelines.store import parse_database_url
 from service.aws import make_clients
 from service.client import ApiClient, ApiError, dump, follow, summary
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", parents=[server], help="list recent runs, newest first")
     p.add_argument(
         "--status",
-        choices=["running", "succeeded", "failed", "cancelled"],
+        choices=[status.value for status in RunStatus],
         help="only runs in this status",
     )
     p.add_argument("--pipeline", help="only runs of this pipeline")

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import anyio.to_thread
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pipelines.state import RunStatus
 from service import keys
 
 
@@ -49,19 +51,24 @@ class _StoreGauges(Collector):
         runs = GaugeMetricFamily(
             "wavechain_runs", "Runs in the store, by status.", labels=["status"]
         )
-        for status in ("running", "succeeded", "failed", "cancelled"):
-            runs.add_metric([status], v["runs"].get(status, 0))
+        for status in RunStatus:
+            runs.add_metric([status.value], v["runs"].get(status.value, 0))
         yield runs
+
+
+def _process_text() -> bytes:
+    """This process's counters, or under --processes all of theirs (read from files)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
 
 
 async def metrics(request: web.Request) -> web.Response:
     gauges = await request.app[keys.STORE].gauges()
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        text = generate_latest(registry)
-    else:
-        text = generate_latest(REGISTRY)
+    # Off the event loop: the multiprocess collector reads every process's files.
+    text = await anyio.to_thread.run_sync(_process_text)
     registry = CollectorRegistry()
     registry.register(_StoreGauges(gauges, request.app[keys.CLOCK]()))
     body = text + generate_latest(registry)
