@@ -144,6 +144,19 @@ async def result(request: web.Request) -> web.Response:
     return envelope(200, "success", task.prediction())
 
 
+async def delete(request: web.Request) -> web.Response:
+    """DELETE /api/v3/predictions/{id}: stop the task; answers as the real API documents."""
+    provider = request.app[PROVIDER]
+    if provider.chance(provider.faults.delete_error_rate):
+        provider.stats["deletes_refused"] += 1
+        return envelope(503, "service unavailable")
+    task = provider.tasks.get(request.match_info["id"])
+    if task is None:
+        return envelope(404, "prediction not found")
+    provider.delete_task(task)
+    return envelope(200, "success", {"id": task.id, "status": "deleted"})
+
+
 async def get_webhook_secret(request: web.Request) -> web.Response:
     return envelope(200, "success", {"secret": request.app[PROVIDER].webhook_secret})
 
@@ -397,6 +410,7 @@ def create_emulator_app(
     r = app.router
     r.add_get("/api/v3/predictions/{id}/result", result)
     r.add_get("/api/v3/predictions/{id}", result)
+    r.add_delete("/api/v3/predictions/{id}", delete)
     r.add_get("/api/v3/webhook/secret", get_webhook_secret)
     r.add_post("/api/v3/media/uploads", create_upload)
     r.add_post("/api/v3/{model:.+}", submit)

@@ -18,6 +18,7 @@ _RATES = (
     "drop_rate",
     "submit_error_rate",
     "submit_unclear_rate",
+    "delete_error_rate",
 )
 
 
@@ -50,6 +51,8 @@ class Faults:
     #: ``malformed`` (a 200 whose body is cut off), or a 502/504 from a gateway.
     submit_unclear_rate: float = 0.0
     submit_unclear_answer: str = "malformed"
+    #: Share of task deletes answered 503 (nothing deleted): a client must retry them.
+    delete_error_rate: float = 0.0
     #: Serve outputs with this Content-Encoding (``gzip``), compressed, as a CDN may.
     output_encoding: str | None = None
     #: Redeliveries after a failed webhook attempt (WaveSpeed documents 3).

@@ -2,7 +2,10 @@
 
 A task moves created → processing → completed | failed over ``latency_s``. When
 it ends, a webhook (if one was given) is POSTed, signed as WaveSpeed signs, and
-redelivered with exponential backoff while the receiver does not answer 2xx.
+redelivered with exponential backoff while the receiver does not answer 2xx. A task
+deleted (``DELETE /api/v3/predictions/{id}``) stops where it is and reports
+``deleted``; a task deleted while running still sends its webhook, now ``deleted``,
+as a late callback from the real API may.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from emulator import media
 from emulator.faults import Faults
 from emulator.rules import ModelRules, output_size
 
-Status = Literal["created", "processing", "completed", "failed"]
+Status = Literal["created", "processing", "completed", "failed", "deleted"]
 MAX_INPUT_IMAGE_BYTES = 32 * 1024 * 1024
 
 
@@ -51,6 +54,8 @@ class Task:
     #: Emulator-clock instants, for latency measurements (submit arrived, task ended).
     submitted_mono: float = field(default_factory=time.monotonic)
     finished_mono: float | None = None
+    #: What runs the task (cancelled by a delete).
+    runner: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def prediction(self, *, with_input: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -177,10 +182,11 @@ class Provider:
         self.stats.clear()
         self.deliveries.clear()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -200,8 +206,25 @@ class Provider:
         self.tasks[task.id] = task
         self.stats["submits"] += 1
         self.stats[f"submits:{rules.model_id}"] += 1
-        self.spawn(self._run(task))
+        task.runner = self.spawn(self._run(task))
         return task
+
+    def delete_task(self, task: Task) -> None:
+        """Stop ``task`` if it still runs and mark it ``deleted``; its outputs, if any,
+        stay until they expire (as the real API keeps a completed task's files)."""
+        self.stats["deletes"] += 1
+        if task.status == "deleted":
+            return
+        running = task.status in ("created", "processing")
+        if running and task.runner is not None:
+            task.runner.cancel()
+        task.status = "deleted"
+        task.finished_mono = task.finished_mono or time.monotonic()
+        task.done.set()
+        if running:
+            self.stats["tasks_deleted_running"] += 1
+            if task.webhook is not None:
+                self._schedule_webhook(task, task.webhook)
 
     async def _run(self, task: Task) -> None:
         started = time.monotonic()
@@ -321,7 +344,7 @@ class Provider:
         for copy in range(copies):
             copy_id = f"msg_{uuid.uuid4().hex}" if copy and faults.duplicate_new_id else webhook_id
             delay = faults.delivery_delay_s + self.rng.random() * faults.delivery_jitter_s
-            self.spawn(self._deliver(url, task.id, copy_id, body, delay))
+            _ = self.spawn(self._deliver(url, task.id, copy_id, body, delay))
 
     async def _deliver(
         self, url: str, task_id: str, webhook_id: str, body: bytes, delay: float

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import structlog
@@ -52,7 +53,7 @@ from pipelines.state import (
     TaskSucceeded,
 )
 from pipelines.store import Job, Store, WebhookOutcome
-from pipelines.store.records import Idempotency
+from pipelines.store.records import Idempotency, RunOptions
 
 log = structlog.get_logger("wavechain.engine")
 
@@ -72,6 +73,9 @@ class EngineConfig:
     presign_ttl_s: int = 6 * 3600
     #: Transient mirror failures (S3 down) are retried this often before the stage fails.
     max_mirror_tries: int = 30
+    #: A task delete refused by a 5xx or throttled, or waiting for its submit's answer
+    #: (the task id), is tried this often before it is given up (and logged).
+    max_delete_tries: int = 10
 
 
 class Engine:
@@ -137,17 +141,26 @@ class Engine:
         inputs: Mapping[str, Any],
         *,
         idempotency: Idempotency | None = None,
+        deadline: float | datetime | None = None,
+        budget_usd: float | None = None,
     ) -> str:
         """The new run's id. With ``idempotency`` whose key names a run already, raises
-        ``IdempotentReplay`` (from the store) and starts nothing."""
+        ``IdempotentReplay`` (from the store) and starts nothing. ``deadline`` (seconds
+        from now, or a time) and ``budget_usd`` override the pipeline's."""
         self.check_providers(pipeline)
         bound = bind_inputs(pipeline, inputs)  # SpecError before anything is written
+        now = self._clock()
+        options = RunOptions(
+            deadline_at=_deadline_at(deadline, pipeline.deadline_s, now),
+            budget_usd=pipeline.budget_usd if budget_usd is None else budget_usd,
+        )
         run_id = await self.store.create_run(
             pipeline,
             bound,
-            now=self._clock(),
+            now=now,
             mirror=self._mirror is not None,
             idempotency=idempotency,
+            options=options,
         )
         log.info("run.created", run_id=run_id, pipeline=pipeline.name)
         return run_id
@@ -277,6 +290,8 @@ class Engine:
                     outcome = await self._submit(job)
                 elif job.kind == "mirror":
                     outcome = await self._mirror_outputs(job)
+                elif job.kind == "delete":
+                    outcome = await self._delete_task(job)
                 else:
                     log.error("job.unknown_kind")
                     await self.store.drop_job(job)
@@ -461,10 +476,58 @@ class Engine:
         await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
         return "mirrored"
 
+    async def _delete_task(self, job: Job) -> str:
+        """Carry out a delete job: stop the attempt's task at the provider (after a cancel,
+        a timeout or a failed sibling). Idempotent: a task the provider no longer knows
+        (404) or one already finished is not an error. Its outcome, for the metrics."""
+        ref = await self.store.task_of(job)
+        if ref is None or ref.state in ("rejected", "deleted") or ref.provider != "wavespeed":
+            # No attempt left (its submit never left, or was proven not to have created a
+            # task), or a synchronous provider whose answer came with the call.
+            await self.store.finish_delete(job, deleted=False)
+            return "nothing"
+        if ref.task_id is None:
+            if ref.state == "sending" and job.tries < self.config.max_delete_tries:
+                # The submit is on its way: its answer will name the task.
+                await self.store.retry_job(
+                    job, at=self._clock() + self._backoff(job.tries), error="awaiting task id"
+                )
+                return "waiting"
+            log.warning("task.delete_impossible", reason="the submit's answer named no task")
+            await self.store.finish_delete(job, deleted=False)
+            return "no_task_id"
+        try:
+            deleted = await self._wavespeed.delete(ref.task_id)
+        except ProviderError as exc:
+            if exc.retryable and job.tries < self.config.max_delete_tries:
+                delay = max(self._backoff(job.tries), exc.retry_after or 0.0)
+                await self.store.retry_job(job, at=self._clock() + delay, error=str(exc))
+                log.warning("task.delete_retrying", task_id=ref.task_id, error=str(exc))
+                return "retrying"
+            log.error("task.delete_failed", task_id=ref.task_id, error=str(exc))
+            await self.store.finish_delete(job, deleted=False)
+            return "failed"
+        await self.store.finish_delete(job, deleted=deleted)
+        log.info("task.deleted", task_id=ref.task_id, found=deleted)
+        return "deleted" if deleted else "gone"
+
     async def _reject(self, job: Job, error: str) -> None:
         event = SubmitRejected(job.stage, job.attempt, error)
         await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
         log.warning("stage.submit_rejected", error=error)
+
+
+def _deadline_at(
+    given: float | datetime | None, pipeline_s: float | None, now: float
+) -> float | None:
+    """When a run must end: a time given, seconds given, or the pipeline's seconds."""
+    if isinstance(given, datetime):
+        at = given.timestamp()
+        if at <= now:
+            raise SpecError(f"deadline: {given.isoformat()} has passed already")
+        return at
+    seconds = pipeline_s if given is None else given
+    return None if seconds is None else now + seconds
 
 
 def result_event(stage: str, attempt: int, prediction: Prediction) -> Event:

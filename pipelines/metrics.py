@@ -32,7 +32,7 @@ HANDOFF_SECONDS = Histogram(
 )
 JOBS = Counter(
     "wavechain_jobs",
-    "Jobs carried out, by kind (submit, mirror) and outcome.",
+    "Jobs carried out, by kind (submit, mirror, delete) and outcome.",
     ["kind", "outcome"],
 )
 JOB_WAIT_SECONDS = Histogram(

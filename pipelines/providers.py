@@ -231,6 +231,32 @@ class WaveSpeedClient:
             _counted("wavespeed", "result", None)
             raise ProviderError(f"get result failed: {type(exc).__name__}", retryable=True) from exc
 
+    async def delete(self, task_id: str) -> bool:
+        """Delete (cancel) a task: True when the provider deleted it, False when it does not
+        know it (404: gone already, or never made). Throttling, a 5xx and a lost answer are
+        retryable (deleting twice is harmless); another refusal (401, 403) is not."""
+        url = f"{self._base}/api/v3/predictions/{quote(task_id, safe='')}"
+        try:
+            async with self._session.delete(
+                url, headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                status = resp.status
+                _counted("wavespeed", "delete", status)
+                payload = await _read_json(resp)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            _counted("wavespeed", "delete", None)
+            raise ProviderError(f"delete failed: {type(exc).__name__}", retryable=True) from exc
+        if status == 404:
+            return False
+        if status == 200:
+            return True
+        raise ProviderError(
+            f"WaveSpeed delete: HTTP {status}: {_message(payload, resp.reason or '')}",
+            retryable=status == 429 or status >= 500,
+            status=status,
+            retry_after=_retry_after(resp.headers),
+        )
+
     async def webhook_secret(self) -> Secret:
         url = f"{self._base}/api/v3/webhook/secret"
         async with self._session.get(url, headers=self._headers(), timeout=self._timeout) as resp:

@@ -1,7 +1,8 @@
 """Pipeline specs: YAML → validated ``Pipeline``, and rendering a stage's input.
 
 A pipeline has declared ``inputs`` and named ``stages``; a stage has a ``model``,
-an ``input`` mapping, and optional ``needs``, ``retry`` and ``timeout``. Values may
+an ``input`` mapping, and optional ``needs``, ``retry`` and ``timeout``; the pipeline
+may set a ``deadline`` (seconds a run may take) and a ``budget_usd``. Values may
 reference ``${inputs.NAME}`` and ``${stages.NAME.outputs[N]}``; a stage reference
 implies a dependency. Every problem is reported as ``SpecError`` naming the file,
 stage, field and rule, before anything is submitted.
@@ -10,7 +11,7 @@ stage, field and rule, before anything is submitted.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +80,10 @@ class Pipeline:
     stages: Mapping[str, StageSpec]
     inputs: Mapping[str, InputDecl]
     description: str = ""
+    #: Seconds a run may take before what still runs is cancelled (and deleted).
+    deadline_s: float | None = None
+    #: What one run may spend, in USD (checked before each submit).
+    budget_usd: float | None = None
     source: dict[str, Any] = field(default_factory=dict, compare=False)
     #: A topological order (each level's stages sorted by name), and each stage's direct
     #: dependents: computed once, in linear time, when the spec is parsed.
@@ -200,9 +205,10 @@ def parse(
             f"{where}: stages: {len(raw_stages)} stages, over the limit of {limits.max_stages} "
             "(MAX_PIPELINE_STAGES)"
         )
+    top = ("name", "description", "inputs", "stages", "deadline", "budget_usd")
     for key in doc:
-        if key not in ("name", "description", "inputs", "stages"):
-            problems.add(None, str(key), "unknown key (expected name, description, inputs, stages)")
+        if key not in top:
+            problems.add(None, str(key), f"unknown key (expected {', '.join(top)})")
     name = doc.get("name", default_name)
     if not isinstance(name, str) or not _NAME.match(name):
         problems.add(None, "name", "must be a short identifier")
@@ -220,12 +226,16 @@ def parse(
     order, cyclic = _topological(stages)
     if cyclic:
         _report_cycle(stages, cyclic, problems)
+    deadline_s = _checked(doc.get("deadline"), "deadline", deadline_rule, problems)
+    budget_usd = _checked(doc.get("budget_usd"), "budget_usd", budget_rule, problems)
     problems.raise_if_any()
     return Pipeline(
         name=name,
         stages=stages,
         inputs=inputs,
         description=str(doc.get("description", "")),
+        deadline_s=deadline_s,
+        budget_usd=budget_usd,
         source=dict(doc),
         topological=order,
         dependents=_dependents(stages),
@@ -460,6 +470,38 @@ def _parse_timeout(raw: Any, stage: str, problems: _Problems) -> float | None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not 1 <= raw <= 7 * 86400:
         problems.add(stage, "timeout", "must be seconds in range 1..604800")
+        return None
+    return float(raw)
+
+
+MAX_DEADLINE_S = 30 * 86400
+
+
+def deadline_rule(value: Any) -> str | None:
+    """Why ``value`` is not a run deadline in seconds, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be seconds (a number), got {value!r}"
+    if not 1 <= value <= MAX_DEADLINE_S:
+        return f"must be seconds in range 1..{MAX_DEADLINE_S}, got {value}"
+    return None
+
+
+def budget_rule(value: Any) -> str | None:
+    """Why ``value`` is not a budget in USD, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number of USD, got {value!r}"
+    if not 0 <= value <= 1_000_000:
+        return f"must be in range 0..1000000 USD, got {value}"
+    return None
+
+
+def _checked(
+    raw: Any, name: str, rule: Callable[[Any], str | None], problems: _Problems
+) -> float | None:
+    if raw is None:
+        return None
+    if (why := rule(raw)) is not None:
+        problems.add(None, name, why)
         return None
     return float(raw)
 

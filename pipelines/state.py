@@ -106,7 +106,8 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class CancelRequested:
-    pass
+    #: Why, when not asked for by a person (``run deadline passed``): in the run's event.
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,9 @@ class TaskFailed:
     error: str
     #: False for errors no retry can fix (the provider's 1xxx codes).
     retryable: bool = True
+    #: The task may still be running at the provider (we gave up waiting for it): delete
+    #: it, so that it stops and is not charged further.
+    abandoned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +210,15 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete the stage's task for ``attempt`` at the provider, if it has one that may
+    still be running (after a cancel, a timeout, or a failed sibling)."""
+
+    stage: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Emit:
     """A lifecycle event for the outbox (``run.started``, ``stage.succeeded``, …)."""
 
@@ -214,7 +227,7 @@ class Emit:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
-Command = Submit | Mirror | Emit
+Command = Submit | Mirror | Delete | Emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +245,7 @@ def decide(pipeline: Pipeline, state: RunState, event: Event, *, now: float) -> 
     if isinstance(event, Start):
         return _start(pipeline, state)
     if isinstance(event, CancelRequested):
-        return _cancel(state)
+        return _cancel(state, event)
     if isinstance(event, RetryRequested):
         return _retry(pipeline, state, event)
     return _stage_event(pipeline, state, event, now)
@@ -275,17 +288,26 @@ def _start(pipeline: Pipeline, state: RunState) -> Decision:
     return Decision(new, (Emit("run.started"), *submits))
 
 
-def _cancel(state: RunState) -> Decision:
+def _in_flight(stage: StageState) -> bool:
+    """A task for the stage's current attempt may exist and still be running: it was
+    submitted, or its submit may be on its way (scheduled, not yet answered). A stage
+    whose task finished (outputs in, awaiting its mirror) is not: it is paid for."""
+    return stage.scheduled and not stage.status.terminal and not stage.awaiting_mirror
+
+
+def _cancel(state: RunState, event: CancelRequested) -> Decision:
     if state.status is not RunStatus.RUNNING:
         if state.cancelled:
             return _unchanged(state)
         raise InvalidTransitionError(f"run {state.run_id} already {state.status}")
+    deletes = tuple(Delete(n, s.attempt) for n, s in state.stages.items() if _in_flight(s))
     stages = {
         name: s if s.status.terminal else dataclasses.replace(s, status=StageStatus.CANCELLED)
         for name, s in state.stages.items()
     }
     new = dataclasses.replace(state, stages=stages, cancelled=True)
-    return Decision(new, (Emit("run.cancelled"),))
+    data = {"error": event.reason} if event.reason else {}
+    return Decision(new, (Emit("run.cancelled", None, data), *deletes))
 
 
 def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: float) -> Decision:
@@ -346,14 +368,16 @@ def _task_event(
     if isinstance(event, TaskFailed):
         policy = pipeline.stages[event.stage].retry
         used = current.attempt - current.base_attempt
+        stop: tuple[Command, ...] = (Delete(event.stage, event.attempt),) if event.abandoned else ()
         if event.retryable and used < policy.attempts:
             delay = backoff_s(used, base=policy.backoff_s)
             retry = StageState(
                 attempt=current.attempt + 1, base_attempt=current.base_attempt, error=event.error
             )
             submit = Submit(event.stage, retry.attempt, not_before=now + delay)
-            return _with_stage(state, event.stage, retry, (submit,))
-        return _failed(state, event.stage, current, event.error, event.task_id)
+            return _with_stage(state, event.stage, retry, (*stop, submit))
+        decision = _failed(state, event.stage, current, event.error, event.task_id)
+        return dataclasses.replace(decision, commands=(*decision.commands, *stop))
     return _failed(state, event.stage, current, event.error, current.task_id)
 
 
@@ -380,13 +404,16 @@ def _failed(
     state: RunState, name: str, current: StageState, error: str, task_id: str | None
 ) -> Decision:
     failed = dataclasses.replace(current, status=StageStatus.FAILED, error=error, task_id=task_id)
-    # Fail fast: nothing not yet submitted will be, so nothing more is charged.
+    # Fail fast: nothing not yet submitted will be, and siblings still running at the
+    # provider (a fan-in's other branches) are deleted there, so nothing more is charged.
+    # A sibling whose task finished keeps its outputs (mirrored, reused by a retry).
+    deletes = [Delete(n, s.attempt) for n, s in state.stages.items() if n != name and _in_flight(s)]
     stages = {
         n: (
             failed
             if n == name
             else dataclasses.replace(s, status=StageStatus.CANCELLED)
-            if s.status is StageStatus.PENDING
+            if s.status is StageStatus.PENDING or _in_flight(s)
             else s
         )
         for n, s in state.stages.items()
@@ -396,7 +423,7 @@ def _failed(
     commands: list[Command] = [Emit("stage.failed", name, {"error": error})]
     if was_running:
         commands.append(Emit("run.failed", None, {"error": f"stage '{name}' failed: {error}"}))
-    return Decision(new, tuple(commands))
+    return Decision(new, (*commands, *deletes))
 
 
 def _schedule_ready(

@@ -4,7 +4,8 @@ A stage silent past its callback deadline is asked about once
 (``GET /api/v3/predictions/{id}/result``). A finished task is applied through the same
 idempotent transition as a webhook, so a webhook and the sweeper racing on one task
 make one transition. A task still running pushes the deadline out, up to the hard
-limit; past it the stage times out and its retry policy decides.
+limit; past it the stage times out (its task is deleted at the provider) and its retry
+policy decides. A run past its own ``deadline`` is cancelled.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import structlog
 
 from pipelines.backoff import backoff_s
 from pipelines.engine import result_event
-from pipelines.errors import ProviderError
+from pipelines.errors import InvalidTransitionError, ProviderError
 from pipelines.metrics import RECONCILE_POLLS
 from pipelines.providers import WaveSpeedClient
-from pipelines.state import Event, TaskFailed, TaskProcessing
+from pipelines.state import CancelRequested, Event, TaskFailed, TaskProcessing
 from pipelines.store import DueStage, Store
+from pipelines.transitions import iso
 
 log = structlog.get_logger("wavechain.sweeper")
 
@@ -91,11 +93,28 @@ class Sweeper:
             await asyncio.sleep(delay)
 
     async def sweep_once(self) -> int:
+        """Ask about stages silent past their deadline, and cancel runs past theirs."""
+        now = self._clock()
+        for run_id, deadline in await self._store.overdue_runs(now=now, limit=self.config.batch):
+            await self._cancel_overdue(run_id, deadline)
         due = await self._store.claim_due_stages(
-            now=self._clock(), limit=self.config.batch, lease_s=self.config.claim_s
+            now=now, limit=self.config.batch, lease_s=self.config.claim_s
         )
         await asyncio.gather(*(self._reconcile(stage) for stage in due))
         return len(due)
+
+    async def _cancel_overdue(self, run_id: str, deadline: float) -> None:
+        """A run's deadline passed: cancel what still runs (the transition deletes the
+        tasks at the provider). A run that ended meanwhile is left as it is."""
+        reason = f"run deadline passed ({iso(deadline)})"
+        try:
+            decision = await self._store.apply(
+                run_id, CancelRequested(reason=reason), now=self._clock()
+            )
+        except InvalidTransitionError:
+            return
+        if decision.changed:
+            log.warning("run.deadline_passed", run_id=run_id, deadline=iso(deadline))
 
     async def _reconcile(self, due: DueStage) -> None:
         with structlog.contextvars.bound_contextvars(
@@ -135,6 +154,9 @@ class Sweeper:
 
     async def _time_out(self, due: DueStage, error: str) -> None:
         RECONCILE_POLLS.labels("timed_out").inc()
-        event = TaskFailed(due.stage, due.attempt, due.task_id or "", error, retryable=True)
+        # The task may still run at the provider: the transition deletes it there.
+        event = TaskFailed(
+            due.stage, due.attempt, due.task_id or "", error, retryable=True, abandoned=True
+        )
         await self._store.apply(due.run_id, event, now=self._clock())
         log.warning("reconcile.timed_out", error=error)

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 from pipelines.spec import Pipeline
 from pipelines.state import (
     Decision,
+    Delete,
     Emit,
     Event,
     Mirror,
@@ -39,7 +40,7 @@ WebhookEffect = Literal[
     "applied", "no_effect", "duplicate", "unknown_token", "not_yet", "task_mismatch"
 ]
 #: An attempt's state: its row is written ``sending`` before the submit leaves.
-AttemptState = Literal["sending", "accepted", "unknown", "rejected"]
+AttemptState = Literal["sending", "accepted", "unknown", "rejected", "deleted"]
 #: The largest outputs list an event carries in full; inline outputs become references.
 MAX_EVENT_OUTPUT_CHARS = 2048
 
@@ -108,7 +109,7 @@ class StageWrite(NamedTuple):
 class JobWrite(NamedTuple):
     """A job to enqueue; a job already there for the same (kind, stage, attempt) stays."""
 
-    kind: Literal["submit", "mirror"]
+    kind: Literal["submit", "mirror", "delete"]
     stage: str
     attempt: int
     run_after: float
@@ -172,6 +173,8 @@ def plan(
             )
         elif isinstance(command, Mirror):
             jobs.append(JobWrite("mirror", command.stage, command.attempt, now))
+        elif isinstance(command, Delete):
+            jobs.append(JobWrite("delete", command.stage, command.attempt, now))
         elif isinstance(command, Emit):
             body = event_envelope(pipeline, after, command, now=now, event_id=new_id())
             events.append(EventWrite(body["id"], command.type, body))

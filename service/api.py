@@ -7,8 +7,9 @@ import functools
 import hashlib
 import json
 import re
+from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio.to_thread
 from aiohttp import web
@@ -97,13 +98,52 @@ def _idempotency(request: web.Request, body: dict[str, Any]) -> Idempotency | No
     return Idempotency(key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
-async def _pipeline_and_inputs(
-    request: web.Request, body: dict[str, Any]
-) -> tuple[specs.Pipeline, dict[str, Any]]:
-    """The body of POST /v1/runs (and /estimate): its pipeline, parsed, and its inputs."""
-    unknown = set(body) - {"pipeline", "inputs"}
+class RunRequest(NamedTuple):
+    """The body of POST /v1/runs (and /estimate), checked."""
+
+    pipeline: specs.Pipeline
+    inputs: dict[str, Any]
+    #: Seconds from now, or a time; None: the pipeline's.
+    deadline: float | datetime | None
+    budget_usd: float | None
+
+
+_RUN_FIELDS = ("pipeline", "inputs", "deadline", "budget_usd")
+
+
+def _deadline(value: Any) -> float | datetime | None:
+    """``deadline``: seconds (a number) or an ISO 8601 time with its offset."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            raise SpecError(
+                f"deadline: {value[:64]!r} is not an ISO 8601 time (2026-12-05T18:00:00Z)"
+            ) from None
+        if at.tzinfo is None:
+            raise SpecError("deadline: a time needs its offset (Z or +01:00)")
+        return at
+    if (why := specs.deadline_rule(value)) is not None:
+        raise SpecError(f"deadline: {why}, or a time")
+    return float(value)
+
+
+def _budget(value: Any) -> float | None:
+    if value is None:
+        return None
+    if (why := specs.budget_rule(value)) is not None:
+        raise SpecError(f"budget_usd: {why}")
+    return float(value)
+
+
+async def _run_request(request: web.Request, body: dict[str, Any]) -> RunRequest:
+    """The body of POST /v1/runs (and /estimate): its pipeline, parsed, its inputs, and
+    the run's deadline and budget when given."""
+    unknown = set(body) - set(_RUN_FIELDS)
     if unknown:
-        raise SpecError(f"unknown fields {sorted(unknown)} (expected pipeline, inputs)")
+        raise SpecError(f"unknown fields {sorted(unknown)} (expected {', '.join(_RUN_FIELDS)})")
     raw = body.get("pipeline")
     if isinstance(raw, str):
         pipeline = await load_example(raw)
@@ -115,13 +155,14 @@ async def _pipeline_and_inputs(
     inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
         raise SpecError("inputs: must be an object of input name to value")
-    return pipeline, inputs
+    deadline, budget = _deadline(body.get("deadline")), _budget(body.get("budget_usd"))
+    return RunRequest(pipeline, inputs, deadline, budget)
 
 
 async def estimate_run(request: web.Request) -> web.Response:
     """What a run would cost (the price table's view), without starting it."""
-    pipeline, inputs = await _pipeline_and_inputs(request, await _json(request))
-    return web.json_response(estimate(pipeline, inputs, request.app[keys.PRICES]))
+    run = await _run_request(request, await _json(request))
+    return web.json_response(estimate(run.pipeline, run.inputs, request.app[keys.PRICES]))
 
 
 async def create_run(request: web.Request) -> web.Response:
@@ -129,10 +170,16 @@ async def create_run(request: web.Request) -> web.Response:
     same request, 200 with that run (``Idempotent-Replayed: true``) and nothing started."""
     body = await _json(request)
     idempotency = _idempotency(request, body)
-    pipeline, inputs = await _pipeline_and_inputs(request, body)
+    run = await _run_request(request, body)
     engine = request.app[keys.ENGINE]
     try:
-        run_id = await engine.create_run(pipeline, inputs, idempotency=idempotency)
+        run_id = await engine.create_run(
+            run.pipeline,
+            run.inputs,
+            idempotency=idempotency,
+            deadline=run.deadline,
+            budget_usd=run.budget_usd,
+        )
     except IdempotentReplay as replay:
         assert idempotency is not None  # noqa: S101 - only raised for a key
         if replay.request_hash != idempotency.request_hash:

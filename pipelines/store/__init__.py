@@ -25,6 +25,7 @@ from pipelines.store.records import (
     StageContext,
     StageView,
     SubmitContext,
+    TaskRef,
     WebhookOutcome,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "Store",
     "StoreConfig",
     "SubmitContext",
+    "TaskRef",
     "WebhookOutcome",
     "open_store",
     "parse_database_url",

@@ -17,15 +17,18 @@ from typing import Any, Protocol
 from pipelines import spec as specs
 from pipelines.state import Decision, Event
 from pipelines.store.records import (
+    NO_OPTIONS,
     DueStage,
     Idempotency,
     Job,
     OutboxRow,
     Pruned,
+    RunOptions,
     RunPage,
     RunView,
     StageContext,
     SubmitContext,
+    TaskRef,
     WebhookOutcome,
 )
 from pipelines.transitions import Deadlines
@@ -79,6 +82,7 @@ class Store(Protocol):
         now: float,
         mirror: bool = False,
         idempotency: Idempotency | None = None,
+        options: RunOptions = NO_OPTIONS,
     ) -> str:
         """The new run's id; with ``idempotency`` whose key already names a run, raises
         ``IdempotentReplay`` naming it, atomically (two requests with one key, on any
@@ -128,6 +132,13 @@ class Store(Protocol):
 
     async def retry_job(self, job: Job, *, at: float, error: str) -> None: ...
 
+    # delete jobs
+    async def task_of(self, job: Job) -> TaskRef | None:
+        """The task of the job's (run, stage, attempt), or None if no attempt was sent."""
+
+    async def finish_delete(self, job: Job, *, deleted: bool) -> None:
+        """Drop the delete job; with ``deleted``, mark its attempt ``deleted``."""
+
     async def drop_job(self, job: Job) -> None: ...
 
     async def renew_lease(self, job: Job, *, until: float) -> None: ...
@@ -139,6 +150,9 @@ class Store(Protocol):
         """Stages silent past their deadline; each is pushed ``lease_s`` ahead as a claim."""
 
     async def extend_deadline(self, run_id: str, stage: str, attempt: int, at: float) -> None: ...
+
+    async def overdue_runs(self, *, now: float, limit: int) -> list[tuple[str, float]]:
+        """Running runs past their deadline: (run id, deadline), earliest first."""
 
     # the outbox
     async def pending_events(self, *, limit: int) -> list[OutboxRow]:

@@ -45,6 +45,7 @@ from pipelines.store.interface import Listener, StoreConfig
 from pipelines.store.postgres_schema import migrate
 from pipelines.store.postgres_writes import EVENTS_CHANNEL, JOBS_CHANNEL, Writes
 from pipelines.store.records import (
+    NO_OPTIONS,
     Cursor,
     DueStage,
     Idempotency,
@@ -52,11 +53,13 @@ from pipelines.store.records import (
     Job,
     OutboxRow,
     Pruned,
+    RunOptions,
     RunPage,
     RunView,
     StageContext,
     StageView,
     SubmitContext,
+    TaskRef,
     WebhookOutcome,
 )
 from pipelines.store.rows import due_stage, event_id, parked, run_view, stage_view
@@ -303,6 +306,7 @@ class PostgresStore:
         now: float,
         mirror: bool = False,
         idempotency: Idempotency | None = None,
+        options: RunOptions = NO_OPTIONS,
     ) -> str:
         run_id = f"run_{uuid.uuid4().hex[:20]}"
         spec_text = json.dumps(pipeline.source)
@@ -314,8 +318,8 @@ class PostgresStore:
             # nothing; the SELECT (a new snapshot, READ COMMITTED) then sees that run.
             inserted = await conn.fetchval(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
-                "updated_at, idempotency_key, request_hash) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9) "
+                "updated_at, idempotency_key, request_hash, deadline_at, budget_usd) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11) "
                 "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
                 "RETURNING id",
                 run_id,
@@ -327,6 +331,8 @@ class PostgresStore:
                 now,
                 key,
                 digest,
+                options.deadline_at,
+                options.budget_usd,
             )
             if inserted is None:
                 found = await conn.fetchrow(
@@ -712,6 +718,34 @@ class PostgresStore:
     async def drop_job(self, job: Job) -> None:
         await self._tx(lambda conn: conn.execute("DELETE FROM jobs WHERE id = $1", job.id))
 
+    async def task_of(self, job: Job) -> TaskRef | None:
+        async def op(conn: Any) -> TaskRef | None:
+            row = await conn.fetchrow(
+                "SELECT provider, task_id, state FROM attempts "
+                "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
+                job.run_id,
+                job.stage,
+                job.attempt,
+            )
+            return None if row is None else TaskRef(row[0], row[1], row[2])
+
+        result: TaskRef | None = await self._read(op)
+        return result
+
+    async def finish_delete(self, job: Job, *, deleted: bool) -> None:
+        async def op(conn: Any) -> None:
+            if deleted:
+                await conn.execute(
+                    "UPDATE attempts SET state = 'deleted' "
+                    "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
+                    job.run_id,
+                    job.stage,
+                    job.attempt,
+                )
+            await conn.execute("DELETE FROM jobs WHERE id = $1", job.id)
+
+        await self._tx(op)
+
     async def renew_lease(self, job: Job, *, until: float) -> None:
         await self._tx(
             lambda conn: conn.execute(
@@ -764,6 +798,19 @@ class PostgresStore:
         )
 
     # outbox ---------------------------------------------------------------------------
+
+    async def overdue_runs(self, *, now: float, limit: int) -> list[tuple[str, float]]:
+        async def op(conn: Any) -> list[tuple[str, float]]:
+            rows = await conn.fetch(
+                "SELECT id, deadline_at FROM runs WHERE deadline_at IS NOT NULL "
+                "AND status = 'running' AND deadline_at <= $1 ORDER BY deadline_at LIMIT $2",
+                now,
+                limit,
+            )
+            return [(str(r[0]), float(r[1])) for r in rows]
+
+        result: list[tuple[str, float]] = await self._read(op)
+        return result
 
     async def pending_events(self, *, limit: int) -> list[OutboxRow]:
         rows = await self._tx(

@@ -169,6 +169,15 @@ class StageContext(NamedTuple):
     cancelled: bool
 
 
+class TaskRef(NamedTuple):
+    """The provider task a job's attempt made, as far as the store knows it."""
+
+    provider: str
+    #: None while the submit's answer is not in (``sending``), or if it was lost.
+    task_id: str | None
+    state: str
+
+
 class WebhookOutcome(NamedTuple):
     """What a delivery did. A named tuple: one is built per delivery on the hot path."""
 
@@ -183,6 +192,16 @@ class Pruned(NamedTuple):
     deliveries: int
     events: int
     attempts: int
+
+
+class RunOptions(NamedTuple):
+    """What a run is held to besides its spec: when it must end, and what it may spend."""
+
+    deadline_at: float | None = None
+    budget_usd: float | None = None
+
+
+NO_OPTIONS = RunOptions()
 
 
 class Idempotency(NamedTuple):

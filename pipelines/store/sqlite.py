@@ -38,6 +38,7 @@ from pipelines.state import (
 from pipelines.store.cache import NeedPipeline, RunCache, parse_stored
 from pipelines.store.interface import Listener, StoreConfig
 from pipelines.store.records import (
+    NO_OPTIONS,
     Cursor,
     DueStage,
     Idempotency,
@@ -45,11 +46,13 @@ from pipelines.store.records import (
     Job,
     OutboxRow,
     Pruned,
+    RunOptions,
     RunPage,
     RunView,
     StageContext,
     StageView,
     SubmitContext,
+    TaskRef,
     WebhookOutcome,
 )
 from pipelines.store.rows import (
@@ -264,6 +267,7 @@ class SqliteStore:
         now: float,
         mirror: bool = False,
         idempotency: Idempotency | None = None,
+        options: RunOptions = NO_OPTIONS,
     ) -> str:
         run_id = f"run_{uuid.uuid4().hex[:20]}"
         spec_text = json.dumps(pipeline.source)
@@ -280,7 +284,8 @@ class SqliteStore:
                     return found[0], found[1]
             conn.execute(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
-                "updated_at, idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, idempotency_key, request_hash, deadline_at, budget_usd) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     pipeline.name,
@@ -292,6 +297,8 @@ class SqliteStore:
                     now,
                     key,
                     digest,
+                    options.deadline_at,
+                    options.budget_usd,
                 ),
             )
             conn.executemany(
@@ -660,6 +667,29 @@ class SqliteStore:
     async def drop_job(self, job: Job) -> None:
         await self._db.run(lambda conn: conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,)))
 
+    async def task_of(self, job: Job) -> TaskRef | None:
+        def op(conn: sqlite3.Connection) -> TaskRef | None:
+            row = conn.execute(
+                "SELECT provider, task_id, state FROM attempts "
+                "WHERE run_id = ? AND stage = ? AND attempt = ?",
+                (job.run_id, job.stage, job.attempt),
+            ).fetchone()
+            return None if row is None else TaskRef(*row)
+
+        return await self._read(op)
+
+    async def finish_delete(self, job: Job, *, deleted: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if deleted:
+                conn.execute(
+                    "UPDATE attempts SET state = 'deleted' "
+                    "WHERE run_id = ? AND stage = ? AND attempt = ?",
+                    (job.run_id, job.stage, job.attempt),
+                )
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+
+        await self._db.run(op)
+
     async def renew_lease(self, job: Job, *, until: float) -> None:
         await self._db.run(
             lambda conn: conn.execute(
@@ -701,6 +731,17 @@ class SqliteStore:
                 (at, run_id, stage, attempt),
             )
         )
+
+    async def overdue_runs(self, *, now: float, limit: int) -> list[tuple[str, float]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            rows = conn.execute(
+                "SELECT id, deadline_at FROM runs WHERE deadline_at IS NOT NULL "
+                "AND status = 'running' AND deadline_at <= ? ORDER BY deadline_at LIMIT ?",
+                (now, limit),
+            )
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(op)
 
     # outbox ---------------------------------------------------------------------------
 

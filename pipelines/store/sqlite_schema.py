@@ -113,4 +113,25 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # 5: a run's deadline and budget; the spend ledger (what each attempt cost, or was
+    # priced at before it was sent: NULL is unknown), kept when runs are pruned.
+    """
+    ALTER TABLE runs ADD COLUMN deadline_at REAL;
+    ALTER TABLE runs ADD COLUMN budget_usd REAL;
+    CREATE INDEX runs_by_deadline ON runs (deadline_at)
+        WHERE deadline_at IS NOT NULL AND status = 'running';
+    CREATE TABLE spend (
+        run_id TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        pipeline TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        usd REAL,
+        source TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (run_id, stage, attempt)
+    );
+    CREATE INDEX spend_by_at ON spend (at);
+    """,
 )

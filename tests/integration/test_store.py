@@ -15,9 +15,9 @@ import pytest
 
 from pipelines import spec as specs
 from pipelines.errors import InvalidTransitionError, SpecError
-from pipelines.state import Submitted, TaskFailed, TaskSucceeded
+from pipelines.state import CancelRequested, Submitted, TaskFailed, TaskSucceeded
 from pipelines.store import Job, Store, StoreConfig, WebhookOutcome, open_store
-from pipelines.store.records import Idempotency, IdempotentReplay
+from pipelines.store.records import Idempotency, IdempotentReplay, RunOptions, TaskRef
 from tests.support.postgres import Databases
 
 IMG = "wavespeed-ai/hunyuan-image-2.1"
@@ -471,3 +471,26 @@ async def test_retention_prunes_old_rows_of_ended_work_only(store: Store) -> Non
     assert await store.prune(before=1_000.0) == (0, 0, 0)
     still = await deliver_completed(store, "tok-running", "t2", webhook_id="w2", now=1_001.0)
     assert still.effect == "applied"  # its token still resolves
+
+
+async def test_a_cancel_enqueues_a_delete_that_finds_the_task(store: Store) -> None:
+    """Cancelling a submitted run enqueues a delete job for its attempt; the job finds the
+    attempt's task; finishing it marks the attempt deleted and drops the job."""
+    job = await submitted(store, "tok-del", "task-del")
+    await store.apply(job.run_id, CancelRequested(), now=101.0)
+    (delete,) = await store.claim_jobs(now=101.0, limit=10, lease_s=30)
+    assert (delete.kind, delete.stage, delete.attempt) == ("delete", "a", 1)
+    assert await store.task_of(delete) == TaskRef("wavespeed", "task-del", "accepted")
+    await store.finish_delete(delete, deleted=True)
+    assert await store.task_of(delete) == TaskRef("wavespeed", "task-del", "deleted")
+    assert await store.claim_jobs(now=200.0, limit=10, lease_s=30) == []
+
+
+async def test_runs_past_their_deadline_are_found_until_they_end(store: Store) -> None:
+    soon = await store.create_run(PIPELINE, {}, now=100.0, options=RunOptions(deadline_at=150.0))
+    later = await store.create_run(PIPELINE, {}, now=100.0, options=RunOptions(deadline_at=300.0))
+    await store.create_run(PIPELINE, {}, now=100.0)  # no deadline
+    assert await store.overdue_runs(now=149.0, limit=10) == []
+    assert await store.overdue_runs(now=400.0, limit=10) == [(soon, 150.0), (later, 300.0)]
+    await store.apply(soon, CancelRequested(reason="run deadline passed"), now=401.0)
+    assert await store.overdue_runs(now=402.0, limit=10) == [(later, 300.0)]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 
 def free_port() -> int:
@@ -72,6 +73,13 @@ def serve_env(
     }  # fmt: skip
 
 
+class Stack(NamedTuple):
+    """A serve and its emulator, as URLs."""
+
+    api: str
+    emulator: str
+
+
 @contextmanager
 def emulator_and_serve(
     tmp: Path, secret: str, env: Mapping[str, str], *, latency: float
@@ -79,6 +87,13 @@ def emulator_and_serve(
     """`wavechain emulator` and `wavechain --log-json serve` as processes, wired together
     (``env`` adds to, or overrides, ``serve_env``'s); yields the API's URL. Their logs are
     ``tmp/emu.log`` and ``tmp/serve.log``."""
+    with stack(tmp, secret, env, latency=latency) as urls:
+        yield urls.api
+
+
+@contextmanager
+def stack(tmp: Path, secret: str, env: Mapping[str, str], *, latency: float) -> Iterator[Stack]:
+    """``emulator_and_serve``, yielding both URLs."""
     emu_port, port = free_port(), free_port()
     emu = f"http://127.0.0.1:{emu_port}"
     full = {**serve_env(emu, port, tmp / "state.db", secret), **env}
@@ -87,4 +102,4 @@ def emulator_and_serve(
                   "--webhook-secret", secret, port=emu_port, log=tmp / "emu.log"),
         wavechain("--log-json", "serve", port=port, log=tmp / "serve.log", env=full),
     ):  # fmt: skip
-        yield f"http://127.0.0.1:{port}"
+        yield Stack(f"http://127.0.0.1:{port}", emu)

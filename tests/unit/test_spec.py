@@ -267,3 +267,26 @@ def test_deep_nesting_is_a_spec_error(depth: int) -> None:
     text = "stages: " + "[" * depth + "]" * depth
     with pytest.raises(SpecError, match=r"nested more than|invalid YAML"):
         specs.parse_text(text, where="d.yaml")
+
+
+def test_a_pipeline_may_set_a_deadline_and_a_budget() -> None:
+    stages = {"a": {"model": IMG, "input": {"prompt": "p"}}}
+    p = specs.parse({"stages": stages, "deadline": 600, "budget_usd": 2.5}, where="t")
+    assert (p.deadline_s, p.budget_usd) == (600.0, 2.5)
+    assert specs.parse({"stages": stages}, where="t").deadline_s is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "rule"),
+    [
+        ("deadline", 0, "deadline: must be seconds in range 1..2592000"),
+        ("deadline", "1h", "deadline: must be seconds (a number)"),
+        ("deadline", True, "deadline: must be seconds (a number)"),
+        ("budget_usd", -1, "budget_usd: must be in range 0..1000000 USD"),
+        ("budget_usd", "5", "budget_usd: must be a number of USD"),
+    ],
+)
+def test_a_bad_deadline_or_budget_is_named(key: str, value: Any, rule: str) -> None:
+    stages = {"a": {"model": IMG, "input": {"prompt": "p"}}}
+    with pytest.raises(SpecError, match=rule.replace("(", r"\(").replace(")", r"\)")):
+        specs.parse({"stages": stages, key: value}, where="t")

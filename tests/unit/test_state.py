@@ -14,6 +14,7 @@ from pipelines.errors import InvalidTransitionError
 from pipelines.state import (
     CancelRequested,
     Decision,
+    Delete,
     Emit,
     Event,
     Mirror,
@@ -75,6 +76,10 @@ def started(p: specs.Pipeline) -> RunState:
 
 def submits(decision: Decision) -> list[tuple[str, int]]:
     return [(c.stage, c.attempt) for c in decision.commands if isinstance(c, Submit)]
+
+
+def deletes(decision: Decision) -> list[tuple[str, int]]:
+    return [(c.stage, c.attempt) for c in decision.commands if isinstance(c, Delete)]
 
 
 def emits(decision: Decision) -> list[str]:
@@ -169,8 +174,9 @@ def test_other_task_id_is_ignored() -> None:
     assert not d.changed
 
 
-def test_failure_without_retries_fails_run_and_cancels_pending() -> None:
-    """A failed stage fails the run; stages not yet submitted are cancelled; run.failed once."""
+def test_failure_without_retries_fails_run_and_deletes_siblings() -> None:
+    """A failed stage fails the run once; stages not yet submitted are cancelled, and a
+    sibling still running at the provider is cancelled and deleted there."""
     p = pipeline()
     d = finish(p, started(p), "image")
     s = step(p, d.state, Submitted("video", 1, "tv")).state
@@ -179,10 +185,50 @@ def test_failure_without_retries_fails_run_and_cancels_pending() -> None:
     assert d.state.status is RunStatus.FAILED
     assert d.state.stages["video"].error == "5000: boom"
     assert d.state.stages["final"].status is StageStatus.CANCELLED
-    assert d.state.stages["mesh"].status is StageStatus.SUBMITTED  # in flight at the provider
+    assert d.state.stages["mesh"].status is StageStatus.CANCELLED
+    assert d.state.stages["mesh"].task_id == "tm"  # kept: the delete needs it
     assert emits(d) == ["stage.failed", "run.failed"]
-    d2 = step(p, d.state, TaskFailed("mesh", 1, "tm", "other"))
-    assert emits(d2) == ["stage.failed"]  # the run already failed: no second run.failed
+    assert deletes(d) == [("mesh", 1)]  # not the failed task (it ended), not "final"
+    late = step(p, d.state, TaskSucceeded("mesh", 1, "tm", ("u",)))
+    assert not late.changed  # the deleted sibling's late callback changes nothing
+
+
+def test_failure_keeps_a_sibling_whose_task_finished() -> None:
+    """A sibling whose task completed (its copy under way) is paid for: not deleted."""
+    p = pipeline()
+    s = step(p, mirrored_run(p), TaskSucceeded("image", 1, "t1", ("u",))).state
+    s = step(p, s, Mirrored("image", 1, ("s3://b/i.png",))).state
+    s = step(p, s, TaskSucceeded("mesh", 1, "tm", ("https://cdn/m.glb",))).state
+    d = step(p, s, TaskFailed("video", 1, "tv", "5000"))
+    assert deletes(d) == []
+    assert d.state.stages["mesh"].awaiting_mirror
+
+
+def test_cancel_deletes_what_may_be_running() -> None:
+    """Cancel deletes every stage whose task was submitted or may be on its way, and
+    nothing else: not a stage never scheduled, not one whose task already finished."""
+    p = pipeline()
+    s = step(p, mirrored_run(p), TaskSucceeded("image", 1, "t1", ("u",))).state
+    s = step(p, s, Mirrored("image", 1, ("s3://b/i.png",))).state
+    s = step(p, s, Submitted("video", 1, "tv")).state  # mesh: scheduled, submit on its way
+    d = step(p, s, CancelRequested(reason="run deadline passed"))
+    assert sorted(deletes(d)) == [("mesh", 1), ("video", 1)]
+    assert [c.data for c in d.commands if isinstance(c, Emit)] == [{"error": "run deadline passed"}]
+
+
+def test_a_timed_out_task_is_deleted_and_retried() -> None:
+    """A task abandoned by reconciliation (timed out) is deleted at the provider, whether
+    its stage retries or fails."""
+    p = pipeline(retry=2)
+    s = finish(p, started(p), "image").state
+    s = step(p, s, Submitted("video", 1, "tv")).state
+    d = step(p, s, TaskFailed("video", 1, "tv", "timed out", abandoned=True))
+    assert deletes(d) == [("video", 1)] and submits(d) == [("video", 2)]
+    s = step(p, d.state, Submitted("video", 2, "tv2")).state
+    d = step(p, s, TaskFailed("video", 2, "tv2", "timed out", abandoned=True))
+    assert ("video", 2) in deletes(d) and d.state.status is RunStatus.FAILED
+    ordinary = step(p, s, TaskFailed("video", 2, "tv2", "5000"))
+    assert ("video", 2) not in deletes(ordinary)  # a task that failed ended by itself
 
 
 def test_failure_cancels_scheduled_but_unsent_stage() -> None:
@@ -245,6 +291,7 @@ def test_cancel_stops_everything_and_late_results_do_nothing() -> None:
     s = step(p, started(p), Submitted("image", 1, "t1")).state
     d = step(p, s, CancelRequested())
     assert d.state.status is RunStatus.CANCELLED and emits(d) == ["run.cancelled"]
+    assert deletes(d) == [("image", 1)]
     assert all(st.status is StageStatus.CANCELLED for st in d.state.stages.values())
     late = step(p, d.state, TaskSucceeded("image", 1, "t1", ("u",)))
     assert not late.changed and submits(late) == []
@@ -378,8 +425,8 @@ def failed_video_run(p: specs.Pipeline) -> RunState:
     s = finish(p, started(p), "image").state
     s = step(p, s, Submitted("video", 1, "tv")).state
     s = step(p, s, Submitted("mesh", 1, "tm")).state
-    s = step(p, s, TaskFailed("video", 1, "tv", "5000", retryable=False)).state
-    return step(p, s, TaskSucceeded("mesh", 1, "tm", ("u-mesh",))).state
+    s = step(p, s, TaskSucceeded("mesh", 1, "tm", ("u-mesh",))).state
+    return step(p, s, TaskFailed("video", 1, "tv", "5000", retryable=False)).state
 
 
 def test_retry_reruns_failed_and_downstream_reusing_upstream() -> None:
