@@ -131,7 +131,7 @@ def test_a_run_past_its_deadline_is_cancelled_and_its_task_deleted(slow: Stack) 
         ("tomorrow", "is not an ISO 8601 time"),
         (0, "must be seconds in range"),
     ]:
-        body = {"pipeline": "image_video_3d", "deadline": deadline}
+        body: dict[str, Any] = {"pipeline": "image_video_3d", "deadline": deadline}
         r = requests.post(f"{slow.api}/v1/runs", json=body, timeout=10)
         assert r.status_code == 400 and why in r.text and "deadline" in r.text, r.text
     run_id = _start(slow, {"pipeline": "image_video_3d", "deadline": 2})
