@@ -157,6 +157,13 @@ async def delete(request: web.Request) -> web.Response:
     return envelope(200, "success", {"id": task.id, "status": "deleted"})
 
 
+async def balance(request: web.Request) -> web.Response:
+    """GET /api/v3/account/balance (the ``balance_usd`` fault sets it)."""
+    provider = request.app[PROVIDER]
+    provider.stats["balance_checks"] += 1
+    return envelope(200, "success", {"balance": provider.faults.balance_usd, "currency": "USD"})
+
+
 async def get_webhook_secret(request: web.Request) -> web.Response:
     return envelope(200, "success", {"secret": request.app[PROVIDER].webhook_secret})
 
@@ -412,6 +419,7 @@ def create_emulator_app(
     r.add_get("/api/v3/predictions/{id}", result)
     r.add_delete("/api/v3/predictions/{id}", delete)
     r.add_get("/api/v3/webhook/secret", get_webhook_secret)
+    r.add_get("/api/v3/account/balance", balance)
     r.add_post("/api/v3/media/uploads", create_upload)
     r.add_post("/api/v3/{model:.+}", submit)
     r.add_post("/v1/images/generations", aiml_generate)

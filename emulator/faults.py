@@ -53,6 +53,8 @@ class Faults:
     submit_unclear_answer: str = "malformed"
     #: Share of task deletes answered 503 (nothing deleted): a client must retry them.
     delete_error_rate: float = 0.0
+    #: What ``GET /api/v3/account/balance`` answers, in USD.
+    balance_usd: float = 1000.0
     #: Serve outputs with this Content-Encoding (``gzip``), compressed, as a CDN may.
     output_encoding: str | None = None
     #: Redeliveries after a failed webhook attempt (WaveSpeed documents 3).
@@ -95,6 +97,8 @@ class Faults:
             )
         if self.output_encoding not in (None, "gzip"):
             raise FaultError(f"output_encoding must be gzip or null, got {self.output_encoding!r}")
+        if self.balance_usd < 0:
+            raise FaultError(f"balance_usd must be >= 0, got {self.balance_usd}")
         if self.large_output_bytes is not None and self.large_output_bytes < 1:
             raise FaultError("large_output_bytes must be positive")
 

@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 import structlog
 
+from pipelines import budget
 from pipelines.backoff import backoff_s
 from pipelines.catalog import get_model
 from pipelines.errors import (
+    BudgetExceededError,
     ProviderError,
     ProviderNotConfiguredError,
     SpecError,
@@ -35,6 +37,7 @@ from pipelines.metrics import (
     MIRROR_SECONDS,
 )
 from pipelines.mirror import MirrorRejectedError, S3Mirror
+from pipelines.prices import NO_PRICES, PriceTable, estimate
 from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
 from pipelines.spec import Pipeline, bind_inputs, render
 from pipelines.state import (
@@ -53,7 +56,7 @@ from pipelines.state import (
     TaskSucceeded,
 )
 from pipelines.store import Job, Store, WebhookOutcome
-from pipelines.store.records import Idempotency, RunOptions
+from pipelines.store.records import Charge, Idempotency, RunOptions
 
 log = structlog.get_logger("wavechain.engine")
 
@@ -73,6 +76,19 @@ class EngineConfig:
     presign_ttl_s: int = 6 * 3600
     #: Transient mirror failures (S3 down) are retried this often before the stage fails.
     max_mirror_tries: int = 30
+    #: What every run together may spend per UTC day (None: no cap).
+    daily_budget_usd: float | None = None
+    #: A stage that would cross a cap: its run fails, or it waits ``budget_wait_s`` and
+    #: is tried again.
+    budget_exceeded: Literal["fail", "wait"] = "fail"
+    budget_wait_s: float = 60.0
+    #: Converts the AI/ML API's ``credits_used`` to USD (None: its calls cost the price
+    #: table's price).
+    aiml_usd_per_credit: float | None = None
+    #: Refuse a run whose estimate is more than the WaveSpeed account's balance (asked,
+    #: then kept this long).
+    check_balance: bool = False
+    balance_cache_s: float = 60.0
     #: A task delete refused by a 5xx or throttled, or waiting for its submit's answer
     #: (the task id), is tried this often before it is given up (and logged).
     max_delete_tries: int = 10
@@ -89,9 +105,12 @@ class Engine:
         mirror: S3Mirror | None = None,
         clock: Callable[[], float] = time.time,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32),
+        prices: PriceTable | None = None,
         on_iteration: Reporter = NO_REPORTS,
     ) -> None:
         self.store = store
+        self.prices = prices or NO_PRICES
+        self._balance: tuple[float, float] | None = None  # (USD, when asked)
         self.config = config
         self._wavespeed = wavespeed
         self._aiml = aiml
@@ -154,6 +173,7 @@ class Engine:
             deadline_at=_deadline_at(deadline, pipeline.deadline_s, now),
             budget_usd=pipeline.budget_usd if budget_usd is None else budget_usd,
         )
+        await self._affordable(pipeline, bound, options.budget_usd, now)
         run_id = await self.store.create_run(
             pipeline,
             bound,
@@ -164,6 +184,54 @@ class Engine:
         )
         log.info("run.created", run_id=run_id, pipeline=pipeline.name)
         return run_id
+
+    async def _affordable(
+        self, pipeline: Pipeline, inputs: Mapping[str, Any], cap: float | None, now: float
+    ) -> None:
+        """Refuse (``BudgetExceededError``, naming the cap) a run whose estimate is more than
+        its budget, than what is left of the day's, or than the account's balance. Only a
+        first check: each submit is checked again, atomically, in the store."""
+        caps = self.config.daily_budget_usd is not None or cap is not None
+        if not caps and not self.config.check_balance:
+            return
+        priced = estimate(pipeline, inputs, self.prices)
+        expected: float = priced["expected_usd"]
+        if caps and priced["unknown"]:
+            stages = ", ".join(f"'{name}'" for name in priced["unknown"])
+            raise BudgetExceededError(
+                f"pipeline '{pipeline.name}': a budget applies, but stage(s) {stages} have no "
+                "known price: set them in the price table (PRICES_FILE)"
+            )
+        if cap is not None and expected > cap + budget.EPSILON:
+            raise BudgetExceededError(
+                f"pipeline '{pipeline.name}': estimated at {budget.usd(expected)}, over the "
+                f"run's budget_usd of {budget.usd(cap)}"
+            )
+        daily = self.config.daily_budget_usd
+        if daily is not None:
+            spent = await self.store.spent(since=budget.day_start(now))
+            left = max(0.0, daily - spent.known_usd)
+            if expected > left + budget.EPSILON:
+                raise BudgetExceededError(
+                    f"pipeline '{pipeline.name}': estimated at {budget.usd(expected)}, over "
+                    f"what is left today of DAILY_BUDGET_USD ({budget.usd(left)} of "
+                    f"{budget.usd(daily)})"
+                )
+        if self.config.check_balance:
+            balance = await self._account_balance(now)
+            if expected > balance + budget.EPSILON:
+                raise BudgetExceededError(
+                    f"pipeline '{pipeline.name}': estimated at {budget.usd(expected)}, more "
+                    f"than the WaveSpeed account's balance ({budget.usd(balance)}) "
+                    "(CHECK_BALANCE=on)"
+                )
+
+    async def _account_balance(self, now: float) -> float:
+        if self._balance is not None and now - self._balance[1] < self.config.balance_cache_s:
+            return self._balance[0]
+        usd = await self._wavespeed.balance()
+        self._balance = (usd, now)
+        return usd
 
     async def cancel(self, run_id: str) -> Decision:
         decision = await self.store.apply(run_id, CancelRequested(), now=self._clock())
@@ -338,7 +406,20 @@ class Engine:
             await self._reject(job, str(exc))
             return "rejected"
         token = self._new_token()
-        await self.store.record_attempt(job, token, provider=model.provider, now=self._clock())
+        now = self._clock()
+        charge = Charge(
+            pipeline=ctx.pipeline.name,
+            model=model.id,
+            usd=self.prices.attempt(model.id, body),
+            daily_cap_usd=self.config.daily_budget_usd,
+            day_start=budget.day_start(now),
+        )
+        try:
+            await self.store.record_attempt(
+                job, token, provider=model.provider, now=now, charge=charge
+            )
+        except BudgetExceededError as exc:
+            return await self._over_budget(job, str(exc))
         try:
             if model.provider == "aimlapi":
                 await self._submit_aiml(job, token, model.id, body)
@@ -384,9 +465,21 @@ class Engine:
             await self._reject(job, str(exc))
             return "rejected"
 
+    async def _over_budget(self, job: Job, error: str) -> str:
+        """A stage that would cross a cap is not submitted: its run fails with the reason,
+        or (BUDGET_EXCEEDED=wait) it is tried again later."""
+        if self.config.budget_exceeded == "wait":
+            at = self._clock() + self.config.budget_wait_s
+            await self.store.retry_job(job, at=at, error=error)
+            log.warning("stage.over_budget", error=error, retry_in_s=self.config.budget_wait_s)
+            return "over_budget_waiting"
+        log.warning("stage.over_budget", error=error)
+        await self._reject(job, error)
+        return "over_budget"
+
     async def _submit_aiml(self, job: Job, token: str, model: str, body: dict[str, Any]) -> None:
         try:
-            outputs = await self._aiml.generate(model, body)
+            generated = await self._aiml.generate(model, body)
         except SubmitOutcomeUnknownError as exc:
             # No webhook and no task id to ask about: the attempt fails, and the stage's
             # retry policy decides whether to pay for another one.
@@ -398,13 +491,20 @@ class Engine:
             await self.store.accept_attempt(job, token, task_id, events, now=self._clock())
             return
         task_id = f"aiml_{secrets.token_hex(8)}"
+        outputs = generated.outputs
         # The synchronous answer goes through the same transition as a webhook would.
         events = [
             Submitted(job.stage, job.attempt, task_id),
             TaskSucceeded(job.stage, job.attempt, task_id, outputs),
         ]
-        await self.store.accept_attempt(job, token, task_id, events, now=self._clock())
-        log.info("stage.completed_sync", task_id=task_id, outputs=len(outputs))
+        rate, credits = self.config.aiml_usd_per_credit, generated.credits_used
+        cost = None if rate is None or credits is None else round(credits * rate, 6)
+        await self.store.accept_attempt(
+            job, token, task_id, events, now=self._clock(), cost_usd=cost
+        )
+        log.info(
+            "stage.completed_sync", task_id=task_id, outputs=len(outputs), credits_used=credits
+        )
 
     async def preview_urls(
         self, mirrored: Sequence[str], outputs: Sequence[str], *, expires_s: int = 3600

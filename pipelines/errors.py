@@ -7,6 +7,7 @@ WavechainError                      every error wavechain raises on purpose (``s
 ├── ProviderNotConfiguredError      a run needs a provider that has no key (names variable, stage)
 ├── InvalidTransitionError          an event no valid history produces (cancel an ended run)
 ├── IdempotencyKeyReusedError       an Idempotency-Key sent again with a different request
+├── BudgetExceededError             a run or stage would cross a spending cap (names the cap)
 ├── ConcurrentUpdateError           another writer changed a run between read and write
 ├── WebhookVerificationError        a callback failed signature/timestamp checks (``reason``)
 └── ProviderError                   a provider call failed (``retryable``, ``status``)
@@ -58,6 +59,14 @@ class IdempotencyKeyReusedError(WavechainError):
     """An Idempotency-Key already names a run started by a different request."""
 
     status_hint = 422
+
+
+class BudgetExceededError(WavechainError):
+    """A run, or a stage about to be submitted, would cross a spending cap (the run's
+    ``budget_usd`` or ``DAILY_BUDGET_USD``), or cannot be priced while one applies; the
+    message names the cap, what is spent and what this would cost."""
+
+    status_hint = 402
 
 
 class ConcurrentUpdateError(WavechainError):

@@ -50,6 +50,21 @@ class PriceTable:
         entry = self.models.get(model)
         return None if entry is None else entry.of(params)
 
+    def attempt(self, model: str, params: Mapping[str, Any]) -> float | None:
+        """One attempt's price with a stage's rendered input, the provider's defaults
+        filled in where the spec left them out (they can set the price)."""
+        spec = get_model(model)
+        full = dict(params)
+        if spec is not None:
+            for param, decl in spec.params.items():
+                if param not in full and decl.default is not None:
+                    full[param] = decl.default
+        return self.price(model, full)
+
+
+#: No price known for anything.
+NO_PRICES = PriceTable({})
+
 
 def _number(value: Any, where: str) -> float | None:
     if value is None:
@@ -118,12 +133,7 @@ def estimate(
     for name in pipeline.topological:
         stage = pipeline.stages[name]
         params = specs.render(stage, bound, {}, where=where, placeholders=True)
-        model = get_model(stage.model)
-        if model is not None:  # the provider's defaults, where the spec left them out
-            for param, decl in model.params.items():
-                if param not in params and decl.default is not None:
-                    params[param] = decl.default
-        usd = table.price(stage.model, params)
+        usd = table.attempt(stage.model, params)
         attempts = stage.retry.attempts
         stages[name] = {
             "model": stage.model,

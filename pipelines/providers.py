@@ -257,6 +257,31 @@ class WaveSpeedClient:
             retry_after=_retry_after(resp.headers),
         )
 
+    async def balance(self) -> float:
+        """The account's balance in USD (``GET /api/v3/account/balance``)."""
+        url = f"{self._base}/api/v3/account/balance"
+        try:
+            async with self._session.get(
+                url, headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                _counted("wavespeed", "balance", resp.status)
+                body = await _read_json(resp)
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            _counted("wavespeed", "balance", None)
+            raise ProviderError(
+                f"WaveSpeed balance: no answer ({type(exc).__name__})", retryable=True
+            ) from exc
+        data = body.get("data") if isinstance(body, Mapping) else None
+        value = data.get("balance") if isinstance(data, Mapping) else None
+        if status != 200 or isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProviderError(
+                f"WaveSpeed balance: HTTP {status}: {_message(body, 'no balance in the answer')}",
+                retryable=status == 429 or status >= 500,
+                status=status,
+            )
+        return float(value)
+
     async def webhook_secret(self) -> Secret:
         url = f"{self._base}/api/v3/webhook/secret"
         async with self._session.get(url, headers=self._headers(), timeout=self._timeout) as resp:
@@ -298,6 +323,22 @@ class WaveSpeedClient:
             ) from exc
 
 
+class Generation(NamedTuple):
+    """What one AI/ML API call made, and what it said it cost (``meta.usage``)."""
+
+    outputs: tuple[str, ...]
+    credits_used: float | None = None
+
+
+def _credits(payload: Mapping[str, Any]) -> float | None:
+    meta = payload.get("meta")
+    usage = meta.get("usage") if isinstance(meta, Mapping) else None
+    value = usage.get("credits_used") if isinstance(usage, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
+
+
 class AimlClient:
     """AI/ML API: one synchronous call returns the finished images."""
 
@@ -309,7 +350,7 @@ class AimlClient:
         self._base = access.base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def generate(self, model: str, body: Mapping[str, Any]) -> tuple[str, ...]:
+    async def generate(self, model: str, body: Mapping[str, Any]) -> Generation:
         url = f"{self._base}/v1/images/generations"
         headers = {"Authorization": f"Bearer {_key(self.access).reveal()}"}
         try:
@@ -350,4 +391,4 @@ class AimlClient:
             if not isinstance(url_value, str) or not url_value:
                 raise ProviderError("AI/ML API: an image has no url", retryable=False)
             outputs.append(url_value)
-        return tuple(outputs)
+        return Generation(tuple(outputs), _credits(payload))

@@ -15,12 +15,14 @@ import anyio.to_thread
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from pipelines import budget
 from pipelines import spec as specs
 from pipelines.catalog import get_model
 from pipelines.errors import IdempotencyKeyReusedError, PipelineTooLargeError, SpecError
 from pipelines.prices import estimate
 from pipelines.state import RunStatus
 from pipelines.store.records import Idempotency, IdempotentReplay
+from pipelines.transitions import iso
 from service import keys
 from service.bodies import read_capped
 
@@ -328,6 +330,31 @@ async def run_events(request: web.Request) -> web.Response:
     """The run's lifecycle events, in the order they were written (and published)."""
     run_id = (await _run_json(request))["id"]
     return web.json_response({"events": await request.app[keys.STORE].outbox(run_id)})
+
+
+SPEND_GROUPS = ("day", "pipeline", "model")
+
+
+async def spend(request: web.Request) -> web.Response:
+    """What attempts cost since ``since`` (default 7d), grouped ``by`` day (UTC),
+    pipeline or model: the spend ledger, kept when runs are pruned."""
+    now = request.app[keys.CLOCK]()
+    since = budget.parse_since(request.query.get("since", "7d"), now)
+    by = request.query.get("by", "day")
+    if by not in SPEND_GROUPS:
+        raise SpecError(f"by: must be one of {', '.join(SPEND_GROUPS)}, got {by[:64]!r}")
+    groups = await request.app[keys.STORE].spend_report(since=since, by=by)
+    return web.json_response(
+        {
+            "since": iso(since),
+            "by": by,
+            "currency": "USD",
+            "total_usd": round(sum(g["usd"] for g in groups), 6),
+            "unknown": sum(g["unknown"] for g in groups),
+            "attempts": sum(g["attempts"] for g in groups),
+            "groups": groups,
+        }
+    )
 
 
 async def run_deliveries(request: web.Request) -> web.Response:

@@ -32,7 +32,7 @@ from service.serving import loop_factory, serve_until_signal
 from service.settings import Settings
 from service.supervisor import child_arguments, supervise
 from service.tail import Tail, filter_policy, tail
-from service.views import estimate_table, pipelines_table, runs_table
+from service.views import estimate_table, pipelines_table, runs_table, spend_table
 
 log = structlog.get_logger("wavechain.cli")
 
@@ -205,6 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", help="a pipeline YAML file, or the name of a bundled example")
     _add_inputs(p)
     p.add_argument("--wait", action="store_true", help="follow progress until the run ends")
+    p.add_argument(
+        "--deadline",
+        metavar="SECONDS|TIME",
+        help="cancel what still runs after this many seconds, or at this ISO 8601 time "
+        "(overrides the pipeline's deadline)",
+    )
+    p.add_argument(
+        "--budget-usd",
+        type=float,
+        metavar="USD",
+        help="what the run may spend (overrides the pipeline's budget_usd)",
+    )
+
+    p = sub.add_parser(
+        "spend",
+        parents=[server],
+        help="what attempts cost, by day, pipeline or model",
+        description="What was spent since a time (the spend ledger: the provider's figure "
+        "where it gives one, else the price table's price of each attempt sent).",
+    )
+    p.add_argument(
+        "--since",
+        default="7d",
+        help="7d, 24h, 30m, 2w ago, a day (2026-12-01) or an ISO 8601 time (default 7d)",
+    )
+    p.add_argument(
+        "--by", choices=["day", "pipeline", "model"], default="day", help="group by (default day)"
+    )
 
     p = sub.add_parser(
         "status",
@@ -339,7 +367,15 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
     async with aiohttp.ClientSession(headers=headers) as session:
         client = ApiClient(session, base)
         if args.command == "run":
-            run = await client.create_run(_pipeline_arg(args.pipeline), dict(args.set))
+            deadline = args.deadline
+            if deadline is not None and deadline.replace(".", "", 1).isdigit():
+                deadline = float(deadline)
+            run = await client.create_run(
+                _pipeline_arg(args.pipeline),
+                dict(args.set),
+                deadline=deadline,
+                budget_usd=args.budget_usd,
+            )
             if args.wait and not args.json:
                 print(f"run {run['id']}: {run['pipeline']}")
             return await _show(client, run, args, wait=args.wait)
@@ -354,6 +390,13 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
                 dump(runs, sys.stdout)
             else:
                 print(runs_table(runs, time.time()))
+            return 0
+        if args.command == "spend":
+            report = await client.spend(since=args.since, by=args.by)
+            if args.json:
+                dump(report, sys.stdout)
+            else:
+                print(spend_table(report))
             return 0
         if args.command == "pipelines":
             pipelines = await client.pipelines()

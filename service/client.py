@@ -38,10 +38,25 @@ class ApiClient:
             raise ApiError(message or f"HTTP {resp.status}")
         return payload
 
-    async def create_run(self, pipeline: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            "POST", "/v1/runs", {"pipeline": pipeline, "inputs": inputs}
-        )
+    async def create_run(
+        self,
+        pipeline: Any,
+        inputs: dict[str, Any],
+        *,
+        deadline: float | str | None = None,
+        budget_usd: float | None = None,
+    ) -> dict[str, Any]:
+        body = {"pipeline": pipeline, "inputs": inputs}
+        if deadline is not None:
+            body["deadline"] = deadline
+        if budget_usd is not None:
+            body["budget_usd"] = budget_usd
+        result: dict[str, Any] = await self._call("POST", "/v1/runs", body)
+        return result
+
+    async def spend(self, *, since: str, by: str) -> dict[str, Any]:
+        query = urlencode({"since": since, "by": by})
+        result: dict[str, Any] = await self._call("GET", f"/v1/spend?{query}")
         return result
 
     async def get_run(self, run_id: str) -> dict[str, Any]:

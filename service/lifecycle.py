@@ -25,6 +25,7 @@ from pipelines.events import OutboxRelay, SnsPublisher
 from pipelines.health import NO_REPORTS, Reporter
 from pipelines.loops import run_every
 from pipelines.mirror import MirrorConfig, S3Mirror, mirror_session
+from pipelines.prices import PriceTable
 from pipelines.providers import AimlClient, WaveSpeedClient
 from pipelines.secrets import Secret
 from pipelines.store import Store, StoreConfig, open_store, parse_database_url
@@ -106,6 +107,7 @@ def build_engine(
     aws: AwsClients,
     aws_limiter: anyio.CapacityLimiter,
     clock: Callable[[], float],
+    prices: PriceTable | None = None,
     on_iteration: Reporter = NO_REPORTS,
 ) -> Engine:
     """The engine as configured: its workers' settings and, with a bucket, the S3 mirror."""
@@ -117,6 +119,12 @@ def build_engine(
         downstream_urls="provider" if settings.downstream_urls == "provider" else "mirrored",
         presign_ttl_s=settings.presign_ttl_s,
         submit_backoff_s=settings.submit_backoff_s,
+        daily_budget_usd=settings.daily_budget_usd,
+        budget_exceeded="wait" if settings.budget_exceeded == "wait" else "fail",
+        budget_wait_s=settings.budget_wait_s,
+        aiml_usd_per_credit=settings.aimlapi_usd_per_credit,
+        check_balance=settings.check_balance,
+        balance_cache_s=settings.balance_cache_s,
     )
     mirror = None
     if settings.s3_bucket:
@@ -135,6 +143,7 @@ def build_engine(
         aiml=aiml,
         mirror=mirror,
         clock=clock,
+        prices=prices,
         on_iteration=on_iteration,
     )
 
@@ -149,6 +158,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         aws=app[keys.AWS],
         aws_limiter=app[keys.AWS_LIMITER],
         clock=app[keys.CLOCK],
+        prices=app[keys.PRICES],
         on_iteration=app[keys.LOOPS].register(
             "workers", interval_s=app[keys.SETTINGS].poll_interval_s
         ),

@@ -21,7 +21,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pipelines import budget
 from pipelines.state import RunStatus
+from pipelines.store.records import Spent
 from service import keys
 
 
@@ -54,6 +56,17 @@ class _StoreGauges(Collector):
         for status in RunStatus:
             runs.add_metric([status.value], v["runs"].get(status.value, 0))
         yield runs
+        spent: Spent = v["spend_today"]
+        yield GaugeMetricFamily(
+            "wavechain_spend_today_usd",
+            "What attempts cost since midnight UTC (the spend ledger; known prices only).",
+            value=spent.known_usd,
+        )
+        yield GaugeMetricFamily(
+            "wavechain_spend_today_unpriced_attempts",
+            "Attempts since midnight UTC whose price is unknown (not in the USD figure).",
+            value=spent.unknown,
+        )
 
 
 def _process_text() -> bytes:
@@ -66,10 +79,12 @@ def _process_text() -> bytes:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    gauges = await request.app[keys.STORE].gauges()
+    store, now = request.app[keys.STORE], request.app[keys.CLOCK]()
+    gauges = await store.gauges()
+    gauges["spend_today"] = await store.spent(since=budget.day_start(now))
     # Off the event loop: the multiprocess collector reads every process's files.
     text = await anyio.to_thread.run_sync(_process_text)
     registry = CollectorRegistry()
-    registry.register(_StoreGauges(gauges, request.app[keys.CLOCK]()))
+    registry.register(_StoreGauges(gauges, now))
     body = text + generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -24,6 +24,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/runs/{id}/cancel", api.cancel_run)
     r.add_post("/v1/runs/{id}/retry", api.retry_run)
     r.add_get("/v1/pipelines", api.list_pipelines)
+    r.add_get("/v1/spend", api.spend)
     r.add_get("/healthz", api.healthz)
     r.add_get("/readyz", api.readyz)
     r.add_get("/metrics", metrics)

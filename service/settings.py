@@ -88,6 +88,18 @@ class Settings:
     event_max_tries: int = 8
     #: The price table (pipelines/prices.py); None: the shipped defaults.
     prices_file: str | None = None
+    #: What every run together may spend per UTC day; None: no cap.
+    daily_budget_usd: float | None = None
+    #: A stage that would cross a cap: its run fails ("fail"), or it waits ("wait") and
+    #: is tried again every ``budget_wait_s`` (a new day, a raised cap).
+    budget_exceeded: str = "fail"
+    budget_wait_s: float = 60.0
+    #: USD per AI/ML API credit: converts each call's ``credits_used`` to its cost.
+    aimlapi_usd_per_credit: float | None = None
+    #: Ask WaveSpeed for the account's balance before a run starts ("on"), and refuse a
+    #: run whose estimate is more than it; the answer is kept ``balance_cache_s``.
+    check_balance: bool = False
+    balance_cache_s: float = 60.0
     event_retry_base_s: float = 1.0
     #: How often a webhook secret fetched from the provider is fetched again.
     webhook_secret_refresh_s: float = 3600.0
@@ -140,6 +152,8 @@ class Settings:
                 values[attr] = parse(env, var)
         if values.get("downstream_urls", "mirrored") not in ("mirrored", "provider"):
             raise ConfigError("DOWNSTREAM_URLS must be 'mirrored' or 'provider'")
+        if values.get("budget_exceeded", "fail") not in ("fail", "wait"):
+            raise ConfigError("BUDGET_EXCEEDED must be 'fail' or 'wait'")
         if "database_url" in values:
             parse_database_url(str(values["database_url"]))
         return cls(**values)  # type: ignore[arg-type]
@@ -192,6 +206,24 @@ def _int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int:
     return value
 
 
+def _amount(env: Mapping[str, str], name: str) -> float:
+    """A non-negative decimal (USD, seconds): ``12.5``."""
+    try:
+        value = float(env[name])
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {env[name]!r}") from None
+    if not 0 <= value <= 1e9 or value != value:
+        raise ConfigError(f"{name} must be in range 0..1000000000, got {env[name]!r}")
+    return value
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    value = env[name].strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0"):
+        raise ConfigError(f"{name} must be on or off, got {env[name]!r}")
+    return value in ("on", "true", "1")
+
+
 def _url(env: Mapping[str, str], name: str) -> str:
     value = env[name].strip().rstrip("/")
     parts = urlsplit(value)
@@ -235,6 +267,12 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("DRAIN_DELAY_S", "drain_delay_s", _ranged(0, 120)),
     ("EVENT_MAX_TRIES", "event_max_tries", _ranged(1, 100)),
     ("PRICES_FILE", "prices_file", _str),
+    ("DAILY_BUDGET_USD", "daily_budget_usd", _amount),
+    ("BUDGET_EXCEEDED", "budget_exceeded", _str),
+    ("BUDGET_WAIT_S", "budget_wait_s", _ranged(1, 86400)),
+    ("AIMLAPI_USD_PER_CREDIT", "aimlapi_usd_per_credit", _amount),
+    ("CHECK_BALANCE", "check_balance", _switch),
+    ("BALANCE_CACHE_S", "balance_cache_s", _ranged(0, 86400)),
     ("BODY_READ_TIMEOUT_S", "body_read_timeout_s", _ranged(1, 600)),
     ("KEEPALIVE_TIMEOUT_S", "keepalive_timeout_s", _ranged(1, 3600)),
     ("MAX_CONNECTIONS", "max_connections", _ranged(10, 1_000_000)),

@@ -54,6 +54,14 @@ def cost(value: Any) -> str:
     return f"${value:.2f}" if isinstance(value, int | float) else UNKNOWN
 
 
+def run_cost(run: dict[str, Any]) -> str:
+    """A run's cost: exact, or "≥ $X" when part of it has no known price, or unknown."""
+    if isinstance(run.get("cost_usd"), int | float):
+        return cost(run["cost_usd"])
+    known = run.get("cost_known_usd")
+    return f"≥{cost(known)}" if isinstance(known, int | float) and known > 0 else UNKNOWN
+
+
 def _run_seconds(run: dict[str, Any], now: float) -> float | None:
     created = _ts(run.get("created_at"))
     if created is None:
@@ -89,7 +97,7 @@ def runs_table(runs: Sequence[dict[str, Any]], now: float) -> str:
                 f"{done}/{len(stages)}",
                 duration(now - created) if created is not None else UNKNOWN,
                 duration(_run_seconds(run, now)),
-                cost(run.get("cost_usd")),
+                run_cost(run),
             ]
         )
     headers = ["RUN", "STATUS", "PIPELINE", "STAGES", "AGE", "DURATION", "COST"]
@@ -115,7 +123,9 @@ def stage_tree(run: dict[str, Any], now: float) -> str:
     lines = [
         f"run {run['id']}  {run['pipeline']}  {MARK.get(run['status'], '?')} {run['status']}",
         f"  created {created}  took {duration(_run_seconds(run, now))}  "
-        f"cost {cost(run.get('cost_usd'))}",
+        f"cost {run_cost(run)}"
+        + (f" of {cost(run['budget_usd'])} budget" if run.get("budget_usd") is not None else "")
+        + (f"  deadline {when(run['deadline_at'])}" if run.get("deadline_at") else ""),
     ]
 
     def walk(parent: str | None, prefix: str) -> None:
@@ -193,4 +203,25 @@ def estimate_table(e: dict[str, Any]) -> str:
     )
     if e["unknown"]:
         lines.append(f"unknown prices: {', '.join(e['unknown'])} (set them in PRICES_FILE)")
+    return "\n".join(lines)
+
+
+def spend_table(report: dict[str, Any]) -> str:
+    """What was spent since a time, by day, pipeline or model, and the total."""
+    rows = [
+        [
+            str(g["key"]),
+            cost(g["usd"]) + (f" +{g['unknown']} unpriced" if g["unknown"] else ""),
+            str(g["attempts"]),
+        ]
+        for g in report["groups"]
+    ]
+    lines = [table([report["by"].upper(), "SPENT", "ATTEMPTS"], rows)] if rows else []
+    unpriced = (
+        f", {report['unknown']} attempt(s) without a known price" if report["unknown"] else ""
+    )
+    lines.append(
+        f"total since {when(report['since'])}: {cost(report['total_usd'])} over "
+        f"{report['attempts']} attempt(s){unpriced}"
+    )
     return "\n".join(lines)

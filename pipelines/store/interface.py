@@ -18,6 +18,7 @@ from pipelines import spec as specs
 from pipelines.state import Decision, Event
 from pipelines.store.records import (
     NO_OPTIONS,
+    Charge,
     DueStage,
     Idempotency,
     Job,
@@ -26,6 +27,7 @@ from pipelines.store.records import (
     RunOptions,
     RunPage,
     RunView,
+    Spent,
     StageContext,
     SubmitContext,
     TaskRef,
@@ -113,22 +115,46 @@ class Store(Protocol):
 
     async def submit_context(self, job: Job) -> SubmitContext: ...
 
-    async def record_attempt(self, job: Job, token: str, *, provider: str, now: float) -> None:
-        """Written (durably) before the request leaves: never re-sent blindly."""
+    async def record_attempt(
+        self, job: Job, token: str, *, provider: str, now: float, charge: Charge | None = None
+    ) -> None:
+        """Written (durably) before the request leaves: never re-sent blindly. With
+        ``charge``, the attempt's price goes into the spend ledger in the same transaction,
+        after the run's budget and the daily cap are checked against the ledger (raising
+        ``BudgetExceededError``, nothing written): atomically across processes and
+        replicas, so concurrent submits cannot together cross a cap."""
 
     async def accept_attempt(
-        self, job: Job, token: str, task_id: str, events: Sequence[Event], *, now: float
+        self,
+        job: Job,
+        token: str,
+        task_id: str,
+        events: Sequence[Event],
+        *,
+        now: float,
+        cost_usd: float | None = None,
     ) -> Decision:
-        """Record the provider's task id, finish the job, apply ``events``."""
+        """Record the provider's task id, finish the job, apply ``events``; ``cost_usd``:
+        what the provider said the call cost, replacing the price in the ledger."""
 
     async def discard_attempt(self, job: Job) -> None:
-        """Delete the attempt of a submit the provider proved it never took."""
+        """Delete the attempt (and its charge) of a submit the provider proved it never
+        took."""
+
+    async def spent(self, *, since: float) -> Spent:
+        """What the ledger holds since ``since``, over every run."""
+
+    async def spend_report(self, *, since: float, by: str) -> list[dict[str, Any]]:
+        """The ledger since ``since`` grouped ``by`` pipeline, model or day (UTC): each
+        group's ``key``, ``usd`` (known), ``unknown`` (attempts without a price) and
+        ``attempts``, largest first."""
 
     async def attempt_unknown(self, job: Job, *, now: float) -> None:
         """The submit may have created a task: keep the attempt and its token for the
         callback, drop the job, and give the stage its hard deadline."""
 
-    async def attempt_rejected(self, job: Job) -> None: ...
+    async def attempt_rejected(self, job: Job) -> None:
+        """The provider refused the submit: nothing was made, its charge becomes 0."""
 
     async def retry_job(self, job: Job, *, at: float, error: str) -> None: ...
 

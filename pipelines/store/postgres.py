@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from pipelines import budget
 from pipelines import spec as specs
 from pipelines.backoff import backoff_s
 from pipelines.errors import ConcurrentUpdateError
@@ -46,6 +47,7 @@ from pipelines.store.postgres_schema import migrate
 from pipelines.store.postgres_writes import EVENTS_CHANNEL, JOBS_CHANNEL, Writes
 from pipelines.store.records import (
     NO_OPTIONS,
+    Charge,
     Cursor,
     DueStage,
     Idempotency,
@@ -56,13 +58,23 @@ from pipelines.store.records import (
     RunOptions,
     RunPage,
     RunView,
+    Spent,
     StageContext,
     StageView,
     SubmitContext,
     TaskRef,
     WebhookOutcome,
 )
-from pipelines.store.rows import due_stage, event_id, parked, run_view, stage_view
+from pipelines.store.rows import (
+    RUN_COLUMNS,
+    STAGE_SPEND,
+    due_stage,
+    event_id,
+    parked,
+    run_view,
+    spend_row,
+    stage_view,
+)
 from pipelines.transitions import (
     AttemptRow,
     Transition,
@@ -79,10 +91,13 @@ MAX_BATCH = 256
 MAX_FLUSHES = 4
 
 _STAGES_OF_RUNS = (
-    "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "
-    "submitted_at, finished_at, needs FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position"
+    "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "  # noqa: S608
+    f"submitted_at, finished_at, needs, {STAGE_SPEND} FROM stages "
+    "WHERE run_id = ANY($1) ORDER BY run_id, position"
 )
-_RUN_BY_ID = "SELECT id, pipeline, status, inputs, created_at, updated_at FROM runs WHERE id = $1"
+#: The advisory lock budgeted submits take, one at a time ("wavechab" in ASCII).
+_BUDGET_LOCK = 0x7761766563686162
+_RUN_BY_ID = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"  # noqa: S608
 
 
 def _count(status: str) -> int:
@@ -587,9 +602,47 @@ class PostgresStore:
             previous_attempt=previous,
         )
 
-    async def record_attempt(self, job: Job, token: str, *, provider: str, now: float) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
+    async def record_attempt(
+        self, job: Job, token: str, *, provider: str, now: float, charge: Charge | None = None
+    ) -> None:
+        async def op(conn: Any) -> None:
+            if charge is not None:
+                run_cap = await conn.fetchval(
+                    "SELECT budget_usd FROM runs WHERE id = $1", job.run_id
+                )
+                if run_cap is not None or charge.daily_cap_usd is not None:
+                    # One budgeted submit at a time across every process and replica: the
+                    # sums below and the insert after them are one atomic step.
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _BUDGET_LOCK)
+                    run_spent = await conn.fetchval(
+                        "SELECT COALESCE(SUM(usd), 0) FROM spend WHERE run_id = $1", job.run_id
+                    )
+                    day_spent = await conn.fetchval(
+                        "SELECT COALESCE(SUM(usd), 0) FROM spend WHERE at >= $1",
+                        charge.day_start,
+                    )
+                    budget.check(
+                        job.stage,
+                        charge,
+                        run_cap=run_cap,
+                        run_spent=float(run_spent),
+                        day_spent=float(day_spent),
+                    )
+                await conn.execute(
+                    "INSERT INTO spend (run_id, stage, attempt, pipeline, model, provider, usd, "
+                    "source, at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'price_table', $8) "
+                    "ON CONFLICT (run_id, stage, attempt) DO UPDATE SET usd = EXCLUDED.usd, "
+                    "source = EXCLUDED.source, at = EXCLUDED.at",
+                    job.run_id,
+                    job.stage,
+                    job.attempt,
+                    charge.pipeline,
+                    charge.model,
+                    provider,
+                    charge.usd,
+                    now,
+                )
+            await conn.execute(
                 "INSERT INTO attempts (token_hash, run_id, stage, attempt, state, created_at, "
                 "provider) VALUES ($1, $2, $3, $4, 'sending', $5, $6)",
                 token_hash(token),
@@ -599,10 +652,18 @@ class PostgresStore:
                 now,
                 provider,
             )
-        )
+
+        await self._tx(op)
 
     async def accept_attempt(
-        self, job: Job, token: str, task_id: str, events: Sequence[Event], *, now: float
+        self,
+        job: Job,
+        token: str,
+        task_id: str,
+        events: Sequence[Event],
+        *,
+        now: float,
+        cost_usd: float | None = None,
     ) -> Decision:
         async def op(conn: Any) -> Decision:
             await self._lock_runs(conn, [job.run_id])
@@ -611,6 +672,15 @@ class PostgresStore:
                 task_id,
                 token_hash(token),
             )
+            if cost_usd is not None:
+                await conn.execute(
+                    "UPDATE spend SET usd = $1, source = 'provider' "
+                    "WHERE run_id = $2 AND stage = $3 AND attempt = $4",
+                    cost_usd,
+                    job.run_id,
+                    job.stage,
+                    job.attempt,
+                )
             await conn.execute("DELETE FROM jobs WHERE id = $1", job.id)
             return await self._apply_events(conn, job.run_id, events, now)
 
@@ -619,14 +689,41 @@ class PostgresStore:
         return decision
 
     async def discard_attempt(self, job: Job) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
-                "DELETE FROM attempts WHERE run_id = $1 AND stage = $2 AND attempt = $3",
-                job.run_id,
-                job.stage,
-                job.attempt,
+        async def op(conn: Any) -> None:
+            for table in ("attempts", "spend"):
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE run_id = $1 AND stage = $2 AND attempt = $3",  # noqa: S608
+                    job.run_id,
+                    job.stage,
+                    job.attempt,
+                )
+
+        await self._tx(op)
+
+    async def spent(self, *, since: float) -> Spent:
+        row = await self._read(
+            lambda conn: conn.fetchrow(
+                "SELECT COALESCE(SUM(usd), 0), COUNT(*) - COUNT(usd) FROM spend WHERE at >= $1",
+                since,
             )
         )
+        return Spent(float(row[0]), int(row[1]))
+
+    async def spend_report(self, *, since: float, by: str) -> list[dict[str, Any]]:
+        key = {
+            "pipeline": "pipeline",
+            "model": "model",
+            "day": "to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        }[by]
+        rows = await self._read(
+            lambda conn: conn.fetch(
+                f"SELECT {key} AS key, COALESCE(SUM(usd), 0) AS usd, "  # noqa: S608
+                "COUNT(*) - COUNT(usd) AS unknown, COUNT(*) AS attempts FROM spend "
+                "WHERE at >= $1 GROUP BY 1 ORDER BY 2 DESC, 1",
+                since,
+            )
+        )
+        return [spend_row(r) for r in rows]
 
     async def attempt_unknown(self, job: Job, *, now: float) -> None:
         async def op(conn: Any) -> None:
@@ -652,15 +749,23 @@ class PostgresStore:
         await self._tx(op)
 
     async def attempt_rejected(self, job: Job) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
+        async def op(conn: Any) -> None:
+            await conn.execute(
                 "UPDATE attempts SET state = 'rejected' "
                 "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
                 job.run_id,
                 job.stage,
                 job.attempt,
             )
-        )
+            await conn.execute(
+                "UPDATE spend SET usd = 0, source = 'rejected' "
+                "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
+                job.run_id,
+                job.stage,
+                job.attempt,
+            )
+
+        await self._tx(op)
 
     async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
         async def op(conn: Any) -> list[Job]:
@@ -950,7 +1055,7 @@ class PostgresStore:
             if after is not None:
                 args.extend(after)
                 where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
-            query = "SELECT id, pipeline, status, inputs, created_at, updated_at FROM runs"
+            query = f"SELECT {RUN_COLUMNS} FROM runs"  # noqa: S608
             if where:
                 query += " WHERE " + " AND ".join(where)
             args.append(limit + 1)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.errors import ConcurrentUpdateError
+from pipelines.store.records import Spent
+from pipelines.store.rows import SPEND_BY_STAGE, priced
 from pipelines.transitions import Transition
 
 JOBS_CHANNEL = "wavechain_jobs"
@@ -50,7 +52,7 @@ class Writes:
         first_version = self.runs[run_id][4] if run_id in self.runs else version
         self.runs[run_id] = (after.status.value, after.cancelled, now, run_id, first_version)
         self.jobs.extend((j.kind, run_id, j.stage, j.attempt, j.run_after) for j in t.jobs)
-        self.events.extend((e.event_id, run_id, e.type, json.dumps(e.body), now) for e in t.events)
+        self.events.extend((e.event_id, run_id, e.type, e.body, now) for e in t.events)
 
     async def flush(self, conn: Any) -> None:
         if self.runs:
@@ -100,9 +102,16 @@ class Writes:
             )
             await conn.execute("SELECT pg_notify($1, '')", JOBS_CHANNEL)
         if self.events:
+            runs = sorted({e[1] for e in self.events})
+            spend = {
+                (r[0], r[1]): Spent(float(r[2]), int(r[3]))
+                for r in await conn.fetch(
+                    SPEND_BY_STAGE.format(runs="SELECT unnest($1::text[])"), runs
+                )
+            }
             await conn.executemany(
                 "INSERT INTO outbox (event_id, run_id, type, body, created_at) "
                 "VALUES ($1, $2, $3, $4, $5)",
-                self.events,
+                [(i, r, kind, priced(body, spend), at) for i, r, kind, body, at in self.events],
             )
             await conn.execute("SELECT pg_notify($1, '')", EVENTS_CHANNEL)

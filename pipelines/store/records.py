@@ -28,6 +28,8 @@ class StageView:
     finished_at: float | None
     #: The stages this one waits for (the pipeline's graph).
     needs: list[str] = field(default_factory=list)
+    #: What its attempts cost (the spend ledger).
+    spent: Spent = field(default_factory=lambda: Spent())
 
     def as_json(self) -> dict[str, Any]:
         elapsed = (
@@ -46,6 +48,7 @@ class StageView:
             "provider_outputs": self.outputs,
             "mirrored_outputs": self.mirrored,
             "error": self.error or None,
+            "cost_usd": self.spent.usd,
             "timings": {
                 "submitted_at": iso(self.submitted_at),
                 "finished_at": iso(self.finished_at),
@@ -63,8 +66,17 @@ class RunView:
     created_at: float
     updated_at: float
     stages: list[StageView]
+    deadline_at: float | None = None
+    budget_usd: float | None = None
+
+    @property
+    def spent(self) -> Spent:
+        return Spent(
+            sum(s.spent.known_usd for s in self.stages), sum(s.spent.unknown for s in self.stages)
+        )
 
     def as_json(self) -> dict[str, Any]:
+        spent = self.spent
         return {
             "id": self.id,
             "pipeline": self.pipeline,
@@ -72,6 +84,10 @@ class RunView:
             "inputs": self.inputs,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
+            "deadline_at": iso(self.deadline_at),
+            "budget_usd": self.budget_usd,
+            "cost_usd": spent.usd,
+            "cost_known_usd": round(spent.known_usd, 6),
             "stages": [s.as_json() for s in self.stages],
         }
 
@@ -202,6 +218,31 @@ class RunOptions(NamedTuple):
 
 
 NO_OPTIONS = RunOptions()
+
+
+class Charge(NamedTuple):
+    """What an attempt is about to cost, written to the spend ledger with it, and the daily
+    cap it must stay under (the run's own budget is in the store)."""
+
+    pipeline: str
+    model: str
+    #: The price table's price of this attempt; None: unknown.
+    usd: float | None
+    daily_cap_usd: float | None = None
+    #: Where the current day (for the daily cap) began.
+    day_start: float = 0.0
+
+
+class Spent(NamedTuple):
+    """A sum of ledger rows: what is known, and how many attempts had no known price."""
+
+    known_usd: float = 0.0
+    unknown: int = 0
+
+    @property
+    def usd(self) -> float | None:
+        """The total, or None when part of it is unknown (never shown as zero)."""
+        return None if self.unknown else round(self.known_usd, 6)
 
 
 class Idempotency(NamedTuple):

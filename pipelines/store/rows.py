@@ -1,6 +1,7 @@
 """Rows to records. Both backends select the same columns in the same order: a run as
-(id, pipeline, status, inputs, created_at, updated_at), a stage as (name, model, status,
-attempt, task_id, outputs, mirrored, error, submitted_at, finished_at, needs), a due stage as
+(id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd), a stage as
+(name, model, status, attempt, task_id, outputs, mirrored, error, submitted_at, finished_at,
+needs, known cost, attempts of unknown cost), a due stage as
 (run_id, name, attempt, task_id, status, hard_deadline, model), a parked event as (seq,
 run_id, type, tries, last_error, dead_at, body)."""
 
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from pipelines.catalog import get_model
-from pipelines.store.records import DueStage, RunView, StageView
+from pipelines.store.records import DueStage, RunView, Spent, StageView
 
 
 def event_id() -> str:
@@ -19,9 +21,10 @@ def event_id() -> str:
 
 
 def stage_view(row: Any) -> StageView:
-    name, model, status, attempt, task_id, outputs, mirrored, error, submitted, finished, needs = (
-        row
-    )
+    (
+        name, model, status, attempt, task_id, outputs, mirrored, error, submitted, finished,
+        needs, known_usd, unknown,
+    ) = row  # fmt: skip
     return StageView(
         name=name,
         model=model,
@@ -34,11 +37,12 @@ def stage_view(row: Any) -> StageView:
         submitted_at=submitted,
         finished_at=finished,
         needs=json.loads(needs),
+        spent=Spent(float(known_usd or 0.0), int(unknown or 0)),
     )
 
 
 def run_view(row: Any, stages: list[StageView]) -> RunView:
-    run_id, pipeline, status, inputs, created_at, updated_at = row
+    run_id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd = row
     return RunView(
         id=run_id,
         pipeline=pipeline,
@@ -47,6 +51,8 @@ def run_view(row: Any, stages: list[StageView]) -> RunView:
         created_at=created_at,
         updated_at=updated_at,
         stages=stages,
+        deadline_at=deadline_at,
+        budget_usd=budget_usd,
     )
 
 
@@ -64,6 +70,35 @@ def due_stage(row: Any, now: float) -> DueStage:
     )
 
 
+#: What each stage of some runs has cost: (run_id, stage, known usd, unknown attempts).
+SPEND_BY_STAGE = (
+    "SELECT run_id, stage, COALESCE(SUM(usd), 0), COUNT(*) - COUNT(usd) FROM spend "
+    "WHERE run_id IN ({runs}) GROUP BY run_id, stage"
+)
+
+
+def priced(body: dict[str, Any], spend: Mapping[tuple[str, str], Spent]) -> str:
+    """An event's body as JSON, with ``cost_usd``: its stage's cost, or for a run's event
+    the run's (None while any part is unknown)."""
+    run_id, stage = body["run_id"], body["stage"]
+    if stage is not None:
+        spent = spend.get((run_id, stage), Spent())
+    else:
+        parts = [v for (r, _), v in spend.items() if r == run_id]
+        spent = Spent(sum(p.known_usd for p in parts), sum(p.unknown for p in parts))
+    return json.dumps({**body, "cost_usd": spent.usd})
+
+
+def spend_row(row: Any) -> dict[str, Any]:
+    key, usd, unknown, attempts = row
+    return {
+        "key": key,
+        "usd": round(float(usd), 6),
+        "unknown": int(unknown),
+        "attempts": int(attempts),
+    }
+
+
 def parked(row: Any) -> dict[str, Any]:
     seq, run_id, kind, tries, error, dead_at, body = row
     return {
@@ -75,3 +110,14 @@ def parked(row: Any) -> dict[str, Any]:
         "parked_at": dead_at,
         "body": json.loads(body),
     }
+
+
+#: A stage's cost columns, correlated with ``stages`` (the same SQL on both backends).
+STAGE_SPEND = (
+    "(SELECT COALESCE(SUM(p.usd), 0) FROM spend p "
+    "WHERE p.run_id = stages.run_id AND p.stage = stages.name), "
+    "(SELECT COUNT(*) - COUNT(p.usd) FROM spend p "
+    "WHERE p.run_id = stages.run_id AND p.stage = stages.name)"
+)
+#: A run's columns, as ``run_view`` reads them.
+RUN_COLUMNS = "id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd"

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from pipelines import budget
 from pipelines import spec as specs
 from pipelines.errors import ConcurrentUpdateError, ConfigError
 from pipelines.state import (
@@ -39,6 +40,7 @@ from pipelines.store.cache import NeedPipeline, RunCache, parse_stored
 from pipelines.store.interface import Listener, StoreConfig
 from pipelines.store.records import (
     NO_OPTIONS,
+    Charge,
     Cursor,
     DueStage,
     Idempotency,
@@ -49,6 +51,7 @@ from pipelines.store.records import (
     RunOptions,
     RunPage,
     RunView,
+    Spent,
     StageContext,
     StageView,
     SubmitContext,
@@ -56,10 +59,15 @@ from pipelines.store.records import (
     WebhookOutcome,
 )
 from pipelines.store.rows import (
+    RUN_COLUMNS,
+    SPEND_BY_STAGE,
+    STAGE_SPEND,
     due_stage,
     event_id,
     parked,
+    priced,
     run_view,
+    spend_row,
     stage_view,
 )
 from pipelines.store.sqlite_schema import MIGRATIONS
@@ -519,10 +527,14 @@ class SqliteStore:
                 [(j.kind, run_id, j.stage, j.attempt, j.run_after) for j in t.jobs],
             )
         if t.events:
+            spend = {
+                (r[0], r[1]): Spent(r[2], r[3])
+                for r in conn.execute(SPEND_BY_STAGE.format(runs="?"), (run_id,))
+            }
             conn.executemany(
                 "INSERT INTO outbox (event_id, run_id, type, body, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(e.event_id, run_id, e.type, json.dumps(e.body), now) for e in t.events],
+                [(e.event_id, run_id, e.type, priced(e.body, spend), now) for e in t.events],
             )
 
     # submit jobs --------------------------------------------------------------------
@@ -553,17 +565,61 @@ class SqliteStore:
             previous_attempt=previous[0] if previous else None,
         )
 
-    async def record_attempt(self, job: Job, token: str, *, provider: str, now: float) -> None:
-        await self._db.run(
-            lambda conn: conn.execute(
+    async def record_attempt(
+        self, job: Job, token: str, *, provider: str, now: float, charge: Charge | None = None
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            # One writer: the sums and the insert below are one atomic step.
+            if charge is not None:
+                (run_cap,) = conn.execute(
+                    "SELECT budget_usd FROM runs WHERE id = ?", (job.run_id,)
+                ).fetchone()
+                if run_cap is not None or charge.daily_cap_usd is not None:
+                    (run_spent,) = conn.execute(
+                        "SELECT COALESCE(SUM(usd), 0) FROM spend WHERE run_id = ?", (job.run_id,)
+                    ).fetchone()
+                    (day_spent,) = conn.execute(
+                        "SELECT COALESCE(SUM(usd), 0) FROM spend WHERE at >= ?",
+                        (charge.day_start,),
+                    ).fetchone()
+                    budget.check(
+                        job.stage,
+                        charge,
+                        run_cap=run_cap,
+                        run_spent=float(run_spent),
+                        day_spent=float(day_spent),
+                    )
+                conn.execute(
+                    "INSERT OR REPLACE INTO spend (run_id, stage, attempt, pipeline, model, "
+                    "provider, usd, source, at) VALUES (?, ?, ?, ?, ?, ?, ?, 'price_table', ?)",
+                    (
+                        job.run_id,
+                        job.stage,
+                        job.attempt,
+                        charge.pipeline,
+                        charge.model,
+                        provider,
+                        charge.usd,
+                        now,
+                    ),
+                )
+            conn.execute(
                 "INSERT INTO attempts (token_hash, run_id, stage, attempt, state, created_at, "
                 "provider) VALUES (?, ?, ?, ?, 'sending', ?, ?)",
                 (token_hash(token), job.run_id, job.stage, job.attempt, now, provider),
             )
-        )
+
+        await self._db.run(op)
 
     async def accept_attempt(
-        self, job: Job, token: str, task_id: str, events: Sequence[Event], *, now: float
+        self,
+        job: Job,
+        token: str,
+        task_id: str,
+        events: Sequence[Event],
+        *,
+        now: float,
+        cost_usd: float | None = None,
     ) -> Decision:
         await self._load_pipeline(job.run_id)
 
@@ -572,6 +628,12 @@ class SqliteStore:
                 "UPDATE attempts SET task_id = ?, state = 'accepted' WHERE token_hash = ?",
                 (task_id, token_hash(token)),
             )
+            if cost_usd is not None:
+                conn.execute(
+                    "UPDATE spend SET usd = ?, source = 'provider' "
+                    "WHERE run_id = ? AND stage = ? AND attempt = ?",
+                    (cost_usd, job.run_id, job.stage, job.attempt),
+                )
             conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
             decision = Decision(self._load_state(conn, job.run_id)[0], (), changed=False)
             for event in events:
@@ -583,12 +645,37 @@ class SqliteStore:
         return decision
 
     async def discard_attempt(self, job: Job) -> None:
-        await self._db.run(
-            lambda conn: conn.execute(
-                "DELETE FROM attempts WHERE run_id = ? AND stage = ? AND attempt = ?",
-                (job.run_id, job.stage, job.attempt),
+        def op(conn: sqlite3.Connection) -> None:
+            for table in ("attempts", "spend"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE run_id = ? AND stage = ? AND attempt = ?",  # noqa: S608
+                    (job.run_id, job.stage, job.attempt),
+                )
+
+        await self._db.run(op)
+
+    async def spent(self, *, since: float) -> Spent:
+        def op(conn: sqlite3.Connection) -> Spent:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(usd), 0), COUNT(*) - COUNT(usd) FROM spend WHERE at >= ?",
+                (since,),
+            ).fetchone()
+            return Spent(float(row[0]), int(row[1]))
+
+        return await self._read(op)
+
+    async def spend_report(self, *, since: float, by: str) -> list[dict[str, Any]]:
+        key = {"pipeline": "pipeline", "model": "model", "day": "date(at, 'unixepoch')"}[by]
+
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                f"SELECT {key}, COALESCE(SUM(usd), 0), COUNT(*) - COUNT(usd), COUNT(*) "  # noqa: S608
+                "FROM spend WHERE at >= ? GROUP BY 1 ORDER BY 2 DESC, 1",
+                (since,),
             )
-        )
+            return [spend_row(r) for r in rows]
+
+        return await self._read(op)
 
     async def attempt_unknown(self, job: Job, *, now: float) -> None:
         pipeline = await self._load_pipeline(job.run_id)
@@ -611,13 +698,20 @@ class SqliteStore:
         await self._db.run(op)
 
     async def attempt_rejected(self, job: Job) -> None:
-        await self._db.run(
-            lambda conn: conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            key = (job.run_id, job.stage, job.attempt)
+            conn.execute(
                 "UPDATE attempts SET state = 'rejected' "
                 "WHERE run_id = ? AND stage = ? AND attempt = ?",
-                (job.run_id, job.stage, job.attempt),
+                key,
             )
-        )
+            conn.execute(
+                "UPDATE spend SET usd = 0, source = 'rejected' "
+                "WHERE run_id = ? AND stage = ? AND attempt = ?",
+                key,
+            )
+
+        await self._db.run(op)
 
     async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
         """Not durable: a lease lost in a power cut only lets the job be claimed again, and
@@ -852,7 +946,7 @@ class SqliteStore:
     async def get_run(self, run_id: str) -> RunView | None:
         def op(conn: sqlite3.Connection) -> RunView | None:
             row = conn.execute(
-                "SELECT id, pipeline, status, inputs, created_at, updated_at FROM runs "
+                f"SELECT {RUN_COLUMNS} FROM runs "  # noqa: S608
                 "WHERE id = ?",
                 (run_id,),
             ).fetchone()
@@ -871,7 +965,7 @@ class SqliteStore:
         after = Cursor.decode(cursor) if cursor else None
 
         def op(conn: sqlite3.Connection) -> RunPage:
-            query = "SELECT id, pipeline, status, inputs, created_at, updated_at FROM runs"
+            query = f"SELECT {RUN_COLUMNS} FROM runs"  # noqa: S608
             where: list[str] = []
             args: list[Any] = []
             if status is not None:
@@ -932,8 +1026,8 @@ def _views(conn: sqlite3.Connection, runs: Sequence[tuple[Any, ...]]) -> list[Ru
     ids = [r[0] for r in runs]
     stages: dict[str, list[StageView]] = {run_id: [] for run_id in ids}
     query = (
-        "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "
-        "submitted_at, finished_at, needs FROM stages WHERE run_id IN "
+        "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "  # noqa: S608
+        f"submitted_at, finished_at, needs, {STAGE_SPEND} FROM stages WHERE run_id IN "
         "(SELECT value FROM json_each(?)) ORDER BY run_id, position, rowid"
     )
     for r in conn.execute(query, (json.dumps(ids),)):

@@ -14,10 +14,17 @@ import asyncpg
 import pytest
 
 from pipelines import spec as specs
-from pipelines.errors import InvalidTransitionError, SpecError
+from pipelines.errors import BudgetExceededError, InvalidTransitionError, SpecError
 from pipelines.state import CancelRequested, Submitted, TaskFailed, TaskSucceeded
 from pipelines.store import Job, Store, StoreConfig, WebhookOutcome, open_store
-from pipelines.store.records import Idempotency, IdempotentReplay, RunOptions, TaskRef
+from pipelines.store.records import (
+    Charge,
+    Idempotency,
+    IdempotentReplay,
+    RunOptions,
+    Spent,
+    TaskRef,
+)
 from tests.support.postgres import Databases
 
 IMG = "wavespeed-ai/hunyuan-image-2.1"
@@ -494,3 +501,76 @@ async def test_runs_past_their_deadline_are_found_until_they_end(store: Store) -
     assert await store.overdue_runs(now=400.0, limit=10) == [(soon, 150.0), (later, 300.0)]
     await store.apply(soon, CancelRequested(reason="run deadline passed"), now=401.0)
     assert await store.overdue_runs(now=402.0, limit=10) == [(later, 300.0)]
+
+
+THREE_ROOTS = specs.parse(
+    {"stages": {n: {"model": IMG, "input": {"prompt": n}} for n in ("a", "b", "c")}}, where="t"
+)
+
+
+async def _charge(store: Store, job: Job, charge: Charge, token: str) -> bool:
+    try:
+        await store.record_attempt(job, token, provider="wavespeed", now=100.0, charge=charge)
+    except BudgetExceededError:
+        return False
+    return True
+
+
+async def test_concurrent_submits_on_three_stores_never_cross_the_daily_cap(
+    open_: OpenStore,
+) -> None:
+    """Twelve $0.25 attempts at once, through three stores (processes), against a $1.00
+    daily cap: exactly four are recorded; the ledger never holds more than the cap."""
+    stores = [await open_() for _ in range(3)]
+    for _ in range(12):
+        await stores[0].create_run(PIPELINE, {}, now=100.0)
+    jobs = await stores[0].claim_jobs(now=100.0, limit=20, lease_s=30)
+    assert len(jobs) == 12
+    charge = Charge("p", IMG, usd=0.25, daily_cap_usd=1.0, day_start=50.0)
+    taken = await asyncio.gather(
+        *(_charge(stores[i % 3], job, charge, f"cap-{i}") for i, job in enumerate(jobs))
+    )
+    assert sum(taken) == 4
+    assert await stores[1].spent(since=50.0) == Spent(1.0, 0)
+    assert await stores[2].spent(since=101.0) == Spent(0.0, 0)  # a new day starts empty
+
+
+async def test_a_run_budget_holds_and_refunds_what_never_reached_the_provider(
+    store: Store,
+) -> None:
+    run_id = await store.create_run(THREE_ROOTS, {}, now=100.0, options=RunOptions(budget_usd=0.5))
+    jobs = sorted(await store.claim_jobs(now=100.0, limit=10, lease_s=30), key=lambda j: j.stage)
+    charge = Charge("p", IMG, usd=0.25)
+    assert [await _charge(store, j, charge, f"rb-{j.stage}") for j in jobs] == [True, True, False]
+    with pytest.raises(BudgetExceededError, match=r"budget_usd of \$0.50 would be crossed"):
+        await store.record_attempt(
+            jobs[2], "rb-again", provider="wavespeed", now=100, charge=charge
+        )
+    await store.discard_attempt(jobs[0])  # proven never to have reached the provider
+    assert await _charge(store, jobs[2], charge, "rb-c2")
+    await store.attempt_rejected(jobs[1])  # refused by the provider: costs nothing
+    run = await store.get_run(run_id)
+    assert run is not None
+    assert {s.name: s.spent for s in run.stages} == {
+        "a": Spent(0.0, 0), "b": Spent(0.0, 0), "c": Spent(0.25, 0)
+    }  # fmt: skip
+    unknown = Charge("p", IMG, usd=None)
+    with pytest.raises(BudgetExceededError, match="has no known price"):
+        await store.record_attempt(jobs[0], "rb-a2", provider="wavespeed", now=100, charge=unknown)
+
+
+async def test_the_provider_s_figure_replaces_the_price(store: Store) -> None:
+    run_id = await store.create_run(PIPELINE, {}, now=100.0)
+    (job,) = await store.claim_jobs(now=100.0, limit=1, lease_s=30)
+    await store.record_attempt(
+        job, "pf", provider="aimlapi", now=100.0, charge=Charge("p", IMG, usd=None)
+    )
+    run = await store.get_run(run_id)
+    assert run is not None and run.as_json()["cost_usd"] is None
+    await store.accept_attempt(
+        job, "pf", "aiml_1", [Submitted("a", 1, "aiml_1")], now=101.0, cost_usd=0.042
+    )
+    run = await store.get_run(run_id)
+    assert run is not None and run.as_json()["cost_usd"] == 0.042
+    report = await store.spend_report(since=0.0, by="pipeline")
+    assert report == [{"key": "p", "usd": 0.042, "unknown": 0, "attempts": 1}]

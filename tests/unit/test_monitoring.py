@@ -21,6 +21,8 @@ STORE_GAUGES = {
     "wavechain_outbox_oldest_pending_age_seconds",
     "wavechain_outbox_parked_events",
     "wavechain_runs",
+    "wavechain_spend_today_usd",
+    "wavechain_spend_today_unpriced_attempts",
 }
 
 
