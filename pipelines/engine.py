@@ -20,7 +20,8 @@ import structlog
 
 from pipelines import budget
 from pipelines.backoff import backoff_s
-from pipelines.catalog import get_model
+from pipelines.cache import cache_key, wants_cache
+from pipelines.catalog import ModelSpec, get_model
 from pipelines.errors import (
     BudgetExceededError,
     ProviderError,
@@ -30,6 +31,7 @@ from pipelines.errors import (
 )
 from pipelines.health import NO_REPORTS, Reporter
 from pipelines.metrics import (
+    CACHE_LOOKUPS,
     HANDOFF_SECONDS,
     JOB_WAIT_SECONDS,
     JOBS,
@@ -39,8 +41,9 @@ from pipelines.metrics import (
 from pipelines.mirror import MirrorRejectedError, S3Mirror
 from pipelines.prices import NO_PRICES, PriceTable, estimate
 from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
-from pipelines.spec import Pipeline, bind_inputs, render
+from pipelines.spec import Pipeline, StageSpec, bind_inputs, render
 from pipelines.state import (
+    CacheHit,
     CancelRequested,
     Decision,
     Event,
@@ -55,8 +58,8 @@ from pipelines.state import (
     TaskProcessing,
     TaskSucceeded,
 )
-from pipelines.store import Job, Store, WebhookOutcome
-from pipelines.store.records import Charge, Idempotency, RunOptions
+from pipelines.store import Job, Store, SubmitContext, WebhookOutcome
+from pipelines.store.records import CacheEntry, Charge, Idempotency, RunOptions
 
 log = structlog.get_logger("wavechain.engine")
 
@@ -89,6 +92,9 @@ class EngineConfig:
     #: then kept this long).
     check_balance: bool = False
     balance_cache_s: float = 60.0
+    #: Serve stages from the result cache unless they say ``cache: false`` (a stage's
+    #: ``cache: true`` opts in either way). Needs the S3 mirror.
+    result_cache: bool = False
     #: A task delete refused by a 5xx or throttled, or waiting for its submit's answer
     #: (the task id), is tried this often before it is given up (and logged).
     max_delete_tries: int = 10
@@ -400,6 +406,9 @@ class Engine:
             await self._reject(job, f"unknown model {spec.model!r}")
             return "rejected"
         try:
+            cache_key = await self._cache_key(ctx, spec, model)
+            if cache_key is not None and await self._from_cache(job, model.id, cache_key):
+                return "cached"
             upstream = {name: await self._inputs_from(s) for name, s in ctx.upstream.items()}
             body = render(spec, ctx.inputs, upstream, where=f"run {job.run_id}")
         except SpecError as exc:
@@ -416,7 +425,7 @@ class Engine:
         )
         try:
             await self.store.record_attempt(
-                job, token, provider=model.provider, now=now, charge=charge
+                job, token, provider=model.provider, now=now, charge=charge, cache_key=cache_key
             )
         except BudgetExceededError as exc:
             return await self._over_budget(job, str(exc))
@@ -464,6 +473,52 @@ class Engine:
             await self.store.attempt_rejected(job)
             await self._reject(job, str(exc))
             return "rejected"
+
+    async def _cache_key(self, ctx: SubmitContext, spec: StageSpec, model: ModelSpec) -> str | None:
+        """The stage's result cache key, or None if it did not opt in or its output is not
+        determined by its input (pipelines/cache.py has the rules)."""
+        if self._mirror is None or not wants_cache(spec, default=self.config.result_cache):
+            return None
+        digests: dict[str, list[str]] = {}
+        for name, upstream in ctx.upstream.items():
+            found = [await self._mirror.digest(uri) for uri in upstream.mirrored]
+            if not upstream.mirrored or any(d is None for d in found):
+                CACHE_LOOKUPS.labels("uncacheable").inc()
+                log.info("cache.uncacheable", reason=f"stage '{name}' has no digest")
+                return None
+            digests[name] = [d for d in found if d is not None]
+        key, why = cache_key(spec, model, ctx.inputs, digests)
+        if key is None:
+            CACHE_LOOKUPS.labels("uncacheable").inc()
+            log.info("cache.uncacheable", reason=why)
+        return key
+
+    async def _from_cache(self, job: Job, model: str, key: str) -> bool:
+        """Serve the stage from an earlier run's outputs for ``key``: copy its objects (in
+        S3) under this run's keys and apply a cache hit. False on a miss, or when an
+        entry's objects are gone (the entry is dropped, and the stage runs)."""
+        assert self._mirror is not None  # noqa: S101 - _cache_key checked it
+        entry = await self.store.cached_result(key)
+        if entry is None:
+            CACHE_LOOKUPS.labels("miss").inc()
+            return False
+        metadata = {"run-id": job.run_id, "stage": job.stage, "model": model,
+                    "cached-from": f"{entry.run_id}/{entry.stage}"}  # fmt: skip
+        uris = []
+        for n, uri in enumerate(entry.mirrored):
+            stem = self._mirror.key_stem(job.run_id, job.stage, n)
+            copied = await self._mirror.duplicate(uri, stem=stem, metadata=metadata)
+            if copied is None:
+                CACHE_LOOKUPS.labels("gone").inc()
+                log.warning("cache.objects_gone", key=key, missing=uri)
+                await self.store.forget_result(key)
+                return False
+            uris.append(copied.uri)
+        event = CacheHit(job.stage, job.attempt, entry.outputs, tuple(uris))
+        decision = await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+        CACHE_LOOKUPS.labels("hit").inc()
+        log.info("stage.cached", key=key, source_run=entry.run_id, changed=decision.changed)
+        return True
 
     async def _over_budget(self, job: Job, error: str) -> str:
         """A stage that would cross a cap is not submitted: its run fails with the reason,
@@ -517,7 +572,9 @@ class Engine:
 
     async def _inputs_from(self, stage: StageState) -> list[str]:
         """What a downstream stage receives: presigned URLs of our copies, or provider URLs."""
-        if self._mirror is None or not stage.mirrored or self.config.downstream_urls == "provider":
+        provider_urls = self.config.downstream_urls == "provider" and not stage.cached
+        if self._mirror is None or not stage.mirrored or provider_urls:
+            # A cached stage's provider URLs are an earlier run's, perhaps expired.
             return list(stage.outputs)
         ttl = self.config.presign_ttl_s
         return [await self._mirror.presign(uri, expires_s=ttl) for uri in stage.mirrored]
@@ -573,7 +630,11 @@ class Engine:
             log.warning("output.mirror_retrying", error=repr(exc), retry_in_s=delay)
             return "retrying"
         event = Mirrored(job.stage, job.attempt, tuple(uris))
-        await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+        decision = await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
+        if decision.changed and (ref := await self.store.task_of(job)) and ref.cache_key:
+            entry = CacheEntry(ref.cache_key, job.run_id, job.stage, stage.outputs, tuple(uris))
+            await self.store.save_result(entry, model=current.model, now=self._clock())
+            log.info("cache.saved", key=ref.cache_key)
         return "mirrored"
 
     async def _delete_task(self, job: Job) -> str:

@@ -35,6 +35,12 @@ JOBS = Counter(
     "Jobs carried out, by kind (submit, mirror, delete) and outcome.",
     ["kind", "outcome"],
 )
+CACHE_LOOKUPS = Counter(
+    "wavechain_cache_lookups",
+    "Result cache lookups of stages that opted in: hit, miss, gone (an entry whose objects "
+    "were deleted), or uncacheable (no fixed seed, or an upstream without a digest).",
+    ["result"],
+)
 JOB_WAIT_SECONDS = Histogram(
     "wavechain_job_wait_seconds",
     "From a job becoming due to a worker claiming it.",

@@ -48,6 +48,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from anyio import CapacityLimiter, EndOfStream
 from anyio.streams.memory import MemoryObjectReceiveStream
+from botocore.exceptions import ClientError
 
 from pipelines.errors import WavechainError
 
@@ -452,6 +453,54 @@ class S3Mirror:
                 UploadId=upload_id,
             )
 
+    async def digest(self, uri: str) -> str | None:
+        """The sha256 of an object this mirror wrote (its tag), or None if it is gone or
+        has no digest."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            tags = await self._call(self._s3.get_object_tagging, Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+        return next((t["Value"] for t in tags["TagSet"] if t["Key"] == "sha256"), None)
+
+    async def duplicate(
+        self, uri: str, *, stem: str, metadata: Mapping[str, str]
+    ) -> MirroredObject | None:
+        """Copy an object this mirror wrote to ``{stem}.{ext}`` inside S3 (no bytes pass
+        through here; multipart above 5 GiB), with ``metadata`` and its sha256 tag; None
+        if the object is gone."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            head = await self._call(self._s3.head_object, Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+        sha = await self.digest(uri)
+        if sha is None:
+            return None
+        extension = key.rsplit(".", 1)[-1] if "." in key.rsplit("/", 1)[-1] else "bin"
+        target = f"{stem}.{extension}"
+        content_type = head.get("ContentType", "application/octet-stream")
+        await self._call(
+            self._s3.copy,
+            CopySource={"Bucket": bucket, "Key": key},
+            Bucket=self.config.bucket,
+            Key=target,
+            ExtraArgs={
+                "Metadata": dict(metadata),
+                "MetadataDirective": "REPLACE",
+                "ContentType": content_type,
+            },
+        )
+        await self._tag(target, sha)
+        size = int(head["ContentLength"])
+        return MirroredObject(
+            f"s3://{self.config.bucket}/{target}", target, size, sha, content_type
+        )
+
     async def presign(self, uri: str, *, expires_s: int) -> str:
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         url: str = await self._call(
@@ -509,6 +558,12 @@ class _PipeReader:
         out, self._view = self._view[:take], self._view[take:]
         self._read += len(out)
         return bytes(out)
+
+
+def _missing(exc: ClientError) -> bool:
+    """The object (or its bucket) is not there."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 def _is_ip(host: str) -> bool:

@@ -1,7 +1,7 @@
 """Pipeline specs: YAML → validated ``Pipeline``, and rendering a stage's input.
 
 A pipeline has declared ``inputs`` and named ``stages``; a stage has a ``model``,
-an ``input`` mapping, and optional ``needs``, ``retry`` and ``timeout``; the pipeline
+an ``input`` mapping, and optional ``needs``, ``retry``, ``timeout`` and ``cache``; the pipeline
 may set a ``deadline`` (seconds a run may take) and a ``budget_usd``. Values may
 reference ``${inputs.NAME}`` and ``${stages.NAME.outputs[N]}``; a stage reference
 implies a dependency. Every problem is reported as ``SpecError`` naming the file,
@@ -58,6 +58,8 @@ class StageSpec:
     needs: tuple[str, ...]
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_s: float | None = None
+    #: Serve from the result cache (pipelines/cache.py); None: the global RESULT_CACHE.
+    cache: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,10 +298,8 @@ def _parse_stage(
         problems.add(name, "stage", "must be a mapping with model and input")
         return None
     for key in raw:
-        if key not in ("model", "input", "needs", "retry", "timeout"):
-            problems.add(
-                name, str(key), "unknown key (expected model, input, needs, retry, timeout)"
-            )
+        if key not in _STAGE_KEYS:
+            problems.add(name, str(key), f"unknown key (expected {', '.join(_STAGE_KEYS)})")
     model = get_model(str(raw.get("model")))
     if model is None:
         problems.add(name, "model", f"unknown model {raw.get('model')!r}")
@@ -334,7 +334,18 @@ def _parse_stage(
         needs=tuple(sorted(needs)),
         retry=_parse_retry(raw.get("retry"), name, problems),
         timeout_s=_parse_timeout(raw.get("timeout"), name, problems),
+        cache=_parse_cache(raw.get("cache"), name, problems),
     )
+
+
+_STAGE_KEYS = ("model", "input", "needs", "retry", "timeout", "cache")
+
+
+def _parse_cache(raw: Any, stage: str, problems: _Problems) -> bool | None:
+    if raw is None or isinstance(raw, bool):
+        return raw
+    problems.add(stage, "cache", f"must be true or false, got {raw!r}")
+    return None
 
 
 def _as_list(raw: Any, stage: str, problems: _Problems) -> list[str]:

@@ -59,6 +59,8 @@ class StageState:
     #: The last attempt before a manual retry: attempts up to it are history, and the
     #: stage is scheduled again when ``attempt`` moves past it.
     base_attempt: int = 0
+    #: Its outputs came from the result cache (an earlier run's), not from the provider.
+    cached: bool = False
 
     @property
     def scheduled(self) -> bool:
@@ -179,6 +181,17 @@ class MirrorFailed:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    """An earlier run's outputs for the same input, copied for this stage: it succeeds
+    without a provider call."""
+
+    stage: str
+    attempt: int
+    outputs: tuple[str, ...]
+    uris: tuple[str, ...]
+
+
 StageEvent = (
     Submitted
     | SubmitRejected
@@ -187,6 +200,7 @@ StageEvent = (
     | TaskFailed
     | Mirrored
     | MirrorFailed
+    | CacheHit
 )
 Event = Start | CancelRequested | RetryRequested | StageEvent
 
@@ -326,6 +340,11 @@ def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: fl
         return _unchanged(state)
     if isinstance(event, Mirrored | MirrorFailed):
         return _mirror_event(pipeline, state, current, event)
+    if isinstance(event, CacheHit):
+        if current.status is not StageStatus.PENDING or current.awaiting_mirror:
+            return _unchanged(state)
+        hit = dataclasses.replace(current, outputs=event.outputs, cached=True, error="")
+        return _succeeded(pipeline, state, event.stage, hit, mirrored=event.uris)
     if current.awaiting_mirror:
         return _unchanged(state)  # the task's result is in; later task news is stale
     return _task_event(pipeline, state, current, event, now)

@@ -216,6 +216,7 @@ def event_envelope(
         "outputs": _event_outputs(stage.mirrored or stage.outputs) if stage else [],
         "provider_outputs": _event_outputs(stage.outputs) if stage else [],
         "error": error[:4000] if isinstance(error, str) else error,
+        "cached": stage.cached if stage else False,
         #: What the stage (for a stage's event) or the run has cost so far; None: unknown.
         #: Filled in by the store, from the spend ledger, in the same transaction.
         "cost_usd": None,

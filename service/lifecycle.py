@@ -125,6 +125,7 @@ def build_engine(
         aiml_usd_per_credit=settings.aimlapi_usd_per_credit,
         check_balance=settings.check_balance,
         balance_cache_s=settings.balance_cache_s,
+        result_cache=settings.result_cache,
     )
     mirror = None
     if settings.s3_bucket:

@@ -100,6 +100,9 @@ class Settings:
     #: run whose estimate is more than it; the answer is kept ``balance_cache_s``.
     check_balance: bool = False
     balance_cache_s: float = 60.0
+    #: Serve every stage with a fixed seed from the result cache unless it says
+    #: ``cache: false`` (without it, only stages that say ``cache: true``). Needs S3_BUCKET.
+    result_cache: bool = False
     event_retry_base_s: float = 1.0
     #: How often a webhook secret fetched from the provider is fetched again.
     webhook_secret_refresh_s: float = 3600.0
@@ -273,6 +276,7 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("AIMLAPI_USD_PER_CREDIT", "aimlapi_usd_per_credit", _amount),
     ("CHECK_BALANCE", "check_balance", _switch),
     ("BALANCE_CACHE_S", "balance_cache_s", _ranged(0, 86400)),
+    ("RESULT_CACHE", "result_cache", _switch),
     ("BODY_READ_TIMEOUT_S", "body_read_timeout_s", _ranged(1, 600)),
     ("KEEPALIVE_TIMEOUT_S", "keepalive_timeout_s", _ranged(1, 3600)),
     ("MAX_CONNECTIONS", "max_connections", _ranged(10, 1_000_000)),

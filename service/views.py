@@ -146,6 +146,8 @@ def _stage_head(stage: dict[str, Any], parent: str | None) -> str:
     also = [n for n in stage.get("needs", []) if n != parent]
     needs = f"  (also needs {', '.join(also)})" if also else ""
     status = f"{MARK.get(stage['status'], '?')} {stage['status']}"
+    if stage.get("cached"):
+        status += " (cached)"
     return f"{stage['name']}  {status}  {stage['model']}{needs}"
 
 

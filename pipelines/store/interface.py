@@ -18,6 +18,7 @@ from pipelines import spec as specs
 from pipelines.state import Decision, Event
 from pipelines.store.records import (
     NO_OPTIONS,
+    CacheEntry,
     Charge,
     DueStage,
     Idempotency,
@@ -116,7 +117,14 @@ class Store(Protocol):
     async def submit_context(self, job: Job) -> SubmitContext: ...
 
     async def record_attempt(
-        self, job: Job, token: str, *, provider: str, now: float, charge: Charge | None = None
+        self,
+        job: Job,
+        token: str,
+        *,
+        provider: str,
+        now: float,
+        charge: Charge | None = None,
+        cache_key: str | None = None,
     ) -> None:
         """Written (durably) before the request leaves: never re-sent blindly. With
         ``charge``, the attempt's price goes into the spend ledger in the same transaction,
@@ -164,6 +172,15 @@ class Store(Protocol):
 
     async def finish_delete(self, job: Job, *, deleted: bool) -> None:
         """Drop the delete job; with ``deleted``, mark its attempt ``deleted``."""
+
+    # the result cache
+    async def cached_result(self, key: str) -> CacheEntry | None: ...
+
+    async def save_result(self, entry: CacheEntry, *, model: str, now: float) -> None:
+        """Keep (or replace) the entry for its key."""
+
+    async def forget_result(self, key: str) -> None:
+        """Drop an entry whose objects are gone."""
 
     async def drop_job(self, job: Job) -> None: ...
 

@@ -47,6 +47,7 @@ from pipelines.store.postgres_schema import migrate
 from pipelines.store.postgres_writes import EVENTS_CHANNEL, JOBS_CHANNEL, Writes
 from pipelines.store.records import (
     NO_OPTIONS,
+    CacheEntry,
     Charge,
     Cursor,
     DueStage,
@@ -68,6 +69,7 @@ from pipelines.store.records import (
 from pipelines.store.rows import (
     RUN_COLUMNS,
     STAGE_SPEND,
+    cache_entry,
     due_stage,
     event_id,
     parked,
@@ -92,7 +94,7 @@ MAX_FLUSHES = 4
 
 _STAGES_OF_RUNS = (
     "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "  # noqa: S608
-    f"submitted_at, finished_at, needs, {STAGE_SPEND} FROM stages "
+    f"submitted_at, finished_at, needs, cached, {STAGE_SPEND} FROM stages "
     "WHERE run_id = ANY($1) ORDER BY run_id, position"
 )
 #: The advisory lock budgeted submits take, one at a time ("wavechab" in ASCII).
@@ -262,7 +264,8 @@ class PostgresStore:
             stages: dict[str, dict[str, StageState]] = {r: {} for r in missing}
             for r in await conn.fetch(
                 "SELECT run_id, name, status, attempt, task_id, outputs, mirrored, error, "
-                "base_attempt FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position",
+                "base_attempt, cached FROM stages WHERE run_id = ANY($1) "
+                "ORDER BY run_id, position",
                 missing,
             ):
                 stages[r[0]][r[1]] = StageState(
@@ -273,6 +276,7 @@ class PostgresStore:
                     mirrored=tuple(json.loads(r[6])),
                     error=r[7],
                     base_attempt=r[8],
+                    cached=r[9],
                 )
             for run_id in missing:
                 cancelled, mirror, version = runs[run_id]
@@ -603,7 +607,14 @@ class PostgresStore:
         )
 
     async def record_attempt(
-        self, job: Job, token: str, *, provider: str, now: float, charge: Charge | None = None
+        self,
+        job: Job,
+        token: str,
+        *,
+        provider: str,
+        now: float,
+        charge: Charge | None = None,
+        cache_key: str | None = None,
     ) -> None:
         async def op(conn: Any) -> None:
             if charge is not None:
@@ -644,13 +655,14 @@ class PostgresStore:
                 )
             await conn.execute(
                 "INSERT INTO attempts (token_hash, run_id, stage, attempt, state, created_at, "
-                "provider) VALUES ($1, $2, $3, $4, 'sending', $5, $6)",
+                "provider, cache_key) VALUES ($1, $2, $3, $4, 'sending', $5, $6, $7)",
                 token_hash(token),
                 job.run_id,
                 job.stage,
                 job.attempt,
                 now,
                 provider,
+                cache_key,
             )
 
         await self._tx(op)
@@ -826,13 +838,13 @@ class PostgresStore:
     async def task_of(self, job: Job) -> TaskRef | None:
         async def op(conn: Any) -> TaskRef | None:
             row = await conn.fetchrow(
-                "SELECT provider, task_id, state FROM attempts "
+                "SELECT provider, task_id, state, cache_key FROM attempts "
                 "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
                 job.run_id,
                 job.stage,
                 job.attempt,
             )
-            return None if row is None else TaskRef(row[0], row[1], row[2])
+            return None if row is None else TaskRef(row[0], row[1], row[2], row[3])
 
         result: TaskRef | None = await self._read(op)
         return result
@@ -903,6 +915,36 @@ class PostgresStore:
         )
 
     # outbox ---------------------------------------------------------------------------
+
+    async def cached_result(self, key: str) -> CacheEntry | None:
+        row = await self._read(
+            lambda conn: conn.fetchrow(
+                "SELECT key, run_id, stage, outputs, mirrored FROM result_cache WHERE key = $1",
+                key,
+            )
+        )
+        return None if row is None else cache_entry(row)
+
+    async def save_result(self, entry: CacheEntry, *, model: str, now: float) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO result_cache (key, model, run_id, stage, outputs, mirrored, "
+                "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key) DO UPDATE "
+                "SET model = EXCLUDED.model, run_id = EXCLUDED.run_id, stage = EXCLUDED.stage, "
+                "outputs = EXCLUDED.outputs, mirrored = EXCLUDED.mirrored, "
+                "created_at = EXCLUDED.created_at",
+                entry.key,
+                model,
+                entry.run_id,
+                entry.stage,
+                json.dumps(entry.outputs),
+                json.dumps(entry.mirrored),
+                now,
+            )
+        )
+
+    async def forget_result(self, key: str) -> None:
+        await self._tx(lambda conn: conn.execute("DELETE FROM result_cache WHERE key = $1", key))
 
     async def overdue_runs(self, *, now: float, limit: int) -> list[tuple[str, float]]:
         async def op(conn: Any) -> list[tuple[str, float]]:

@@ -38,6 +38,7 @@ class Writes:
                     json.dumps(stage.mirrored),
                     stage.error,
                     stage.base_attempt,
+                    stage.cached,
                     write.submitted,
                     now,
                     write.finished,
@@ -69,10 +70,10 @@ class Writes:
         if self.stages:
             await conn.executemany(
                 "UPDATE stages SET status = $1, attempt = $2, task_id = $3, outputs = $4, "
-                "mirrored = $5, error = $6, base_attempt = $7, "
-                "submitted_at = CASE WHEN $8 THEN $9 ELSE submitted_at END, "
-                "finished_at = CASE WHEN $10 THEN $9 ELSE NULL END "
-                "WHERE run_id = $11 AND name = $12",
+                "mirrored = $5, error = $6, base_attempt = $7, cached = $8, "
+                "submitted_at = CASE WHEN $9 THEN $10 ELSE submitted_at END, "
+                "finished_at = CASE WHEN $11 THEN $10 ELSE NULL END "
+                "WHERE run_id = $12 AND name = $13",
                 self.stages,
             )
         if self.deadlines:

@@ -30,6 +30,8 @@ class StageView:
     needs: list[str] = field(default_factory=list)
     #: What its attempts cost (the spend ledger).
     spent: Spent = field(default_factory=lambda: Spent())
+    #: Served from the result cache (no provider call).
+    cached: bool = False
 
     def as_json(self) -> dict[str, Any]:
         elapsed = (
@@ -49,6 +51,7 @@ class StageView:
             "mirrored_outputs": self.mirrored,
             "error": self.error or None,
             "cost_usd": self.spent.usd,
+            "cached": self.cached,
             "timings": {
                 "submitted_at": iso(self.submitted_at),
                 "finished_at": iso(self.finished_at),
@@ -192,6 +195,18 @@ class TaskRef(NamedTuple):
     #: None while the submit's answer is not in (``sending``), or if it was lost.
     task_id: str | None
     state: str
+    #: The result cache's key of the attempt's input, when its stage may be cached.
+    cache_key: str | None = None
+
+
+class CacheEntry(NamedTuple):
+    """An earlier stage's outputs for a cache key: the provider's and our copies."""
+
+    key: str
+    run_id: str
+    stage: str
+    outputs: tuple[str, ...]
+    mirrored: tuple[str, ...]
 
 
 class WebhookOutcome(NamedTuple):

@@ -1,7 +1,7 @@
 """Rows to records. Both backends select the same columns in the same order: a run as
 (id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd), a stage as
 (name, model, status, attempt, task_id, outputs, mirrored, error, submitted_at, finished_at,
-needs, known cost, attempts of unknown cost), a due stage as
+needs, cached, known cost, attempts of unknown cost), a due stage as
 (run_id, name, attempt, task_id, status, hard_deadline, model), a parked event as (seq,
 run_id, type, tries, last_error, dead_at, body)."""
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipelines.catalog import get_model
-from pipelines.store.records import DueStage, RunView, Spent, StageView
+from pipelines.store.records import CacheEntry, DueStage, RunView, Spent, StageView
 
 
 def event_id() -> str:
@@ -23,7 +23,7 @@ def event_id() -> str:
 def stage_view(row: Any) -> StageView:
     (
         name, model, status, attempt, task_id, outputs, mirrored, error, submitted, finished,
-        needs, known_usd, unknown,
+        needs, cached, known_usd, unknown,
     ) = row  # fmt: skip
     return StageView(
         name=name,
@@ -37,6 +37,7 @@ def stage_view(row: Any) -> StageView:
         submitted_at=submitted,
         finished_at=finished,
         needs=json.loads(needs),
+        cached=bool(cached),
         spent=Spent(float(known_usd or 0.0), int(unknown or 0)),
     )
 
@@ -87,6 +88,11 @@ def priced(body: dict[str, Any], spend: Mapping[tuple[str, str], Spent]) -> str:
         parts = [v for (r, _), v in spend.items() if r == run_id]
         spent = Spent(sum(p.known_usd for p in parts), sum(p.unknown for p in parts))
     return json.dumps({**body, "cost_usd": spent.usd})
+
+
+def cache_entry(row: Any) -> CacheEntry:
+    key, run_id, stage, outputs, mirrored = row
+    return CacheEntry(key, run_id, stage, tuple(json.loads(outputs)), tuple(json.loads(mirrored)))
 
 
 def spend_row(row: Any) -> dict[str, Any]:

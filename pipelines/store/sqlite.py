@@ -40,6 +40,7 @@ from pipelines.store.cache import NeedPipeline, RunCache, parse_stored
 from pipelines.store.interface import Listener, StoreConfig
 from pipelines.store.records import (
     NO_OPTIONS,
+    CacheEntry,
     Charge,
     Cursor,
     DueStage,
@@ -62,6 +63,7 @@ from pipelines.store.rows import (
     RUN_COLUMNS,
     SPEND_BY_STAGE,
     STAGE_SPEND,
+    cache_entry,
     due_stage,
     event_id,
     parked,
@@ -449,10 +451,11 @@ class SqliteStore:
                 mirrored=tuple(json.loads(r[5])),
                 error=r[6],
                 base_attempt=r[7],
+                cached=bool(r[8]),
             )
             for r in conn.execute(
-                "SELECT name, status, attempt, task_id, outputs, mirrored, error, base_attempt "
-                "FROM stages WHERE run_id = ? ORDER BY position, rowid",
+                "SELECT name, status, attempt, task_id, outputs, mirrored, error, base_attempt, "
+                "cached FROM stages WHERE run_id = ? ORDER BY position, rowid",
                 (run_id,),
             )
         }
@@ -485,7 +488,7 @@ class SqliteStore:
             stage = write.state
             conn.execute(
                 "UPDATE stages SET status = ?, attempt = ?, task_id = ?, outputs = ?, "
-                "mirrored = ?, error = ?, base_attempt = ?, "
+                "mirrored = ?, error = ?, base_attempt = ?, cached = ?, "
                 "submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END, "
                 "finished_at = CASE WHEN ? THEN ? ELSE NULL END "
                 "WHERE run_id = ? AND name = ?",
@@ -497,6 +500,7 @@ class SqliteStore:
                     json.dumps(stage.mirrored),
                     stage.error,
                     stage.base_attempt,
+                    int(stage.cached),
                     write.submitted,
                     now,
                     write.finished,
@@ -566,7 +570,14 @@ class SqliteStore:
         )
 
     async def record_attempt(
-        self, job: Job, token: str, *, provider: str, now: float, charge: Charge | None = None
+        self,
+        job: Job,
+        token: str,
+        *,
+        provider: str,
+        now: float,
+        charge: Charge | None = None,
+        cache_key: str | None = None,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             # One writer: the sums and the insert below are one atomic step.
@@ -605,8 +616,8 @@ class SqliteStore:
                 )
             conn.execute(
                 "INSERT INTO attempts (token_hash, run_id, stage, attempt, state, created_at, "
-                "provider) VALUES (?, ?, ?, ?, 'sending', ?, ?)",
-                (token_hash(token), job.run_id, job.stage, job.attempt, now, provider),
+                "provider, cache_key) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?)",
+                (token_hash(token), job.run_id, job.stage, job.attempt, now, provider, cache_key),
             )
 
         await self._db.run(op)
@@ -764,7 +775,7 @@ class SqliteStore:
     async def task_of(self, job: Job) -> TaskRef | None:
         def op(conn: sqlite3.Connection) -> TaskRef | None:
             row = conn.execute(
-                "SELECT provider, task_id, state FROM attempts "
+                "SELECT provider, task_id, state, cache_key FROM attempts "
                 "WHERE run_id = ? AND stage = ? AND attempt = ?",
                 (job.run_id, job.stage, job.attempt),
             ).fetchone()
@@ -824,6 +835,38 @@ class SqliteStore:
                 "WHERE run_id = ? AND name = ? AND attempt = ? AND deadline IS NOT NULL",
                 (at, run_id, stage, attempt),
             )
+        )
+
+    async def cached_result(self, key: str) -> CacheEntry | None:
+        def op(conn: sqlite3.Connection) -> CacheEntry | None:
+            row = conn.execute(
+                "SELECT key, run_id, stage, outputs, mirrored FROM result_cache WHERE key = ?",
+                (key,),
+            ).fetchone()
+            return None if row is None else cache_entry(row)
+
+        return await self._read(op)
+
+    async def save_result(self, entry: CacheEntry, *, model: str, now: float) -> None:
+        await self._db.run(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO result_cache (key, model, run_id, stage, outputs, "
+                "mirrored, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.key,
+                    model,
+                    entry.run_id,
+                    entry.stage,
+                    json.dumps(entry.outputs),
+                    json.dumps(entry.mirrored),
+                    now,
+                ),
+            )
+        )
+
+    async def forget_result(self, key: str) -> None:
+        await self._db.run(
+            lambda conn: conn.execute("DELETE FROM result_cache WHERE key = ?", (key,))
         )
 
     async def overdue_runs(self, *, now: float, limit: int) -> list[tuple[str, float]]:
@@ -1027,7 +1070,7 @@ def _views(conn: sqlite3.Connection, runs: Sequence[tuple[Any, ...]]) -> list[Ru
     stages: dict[str, list[StageView]] = {run_id: [] for run_id in ids}
     query = (
         "SELECT run_id, name, model, status, attempt, task_id, outputs, mirrored, error, "  # noqa: S608
-        f"submitted_at, finished_at, needs, {STAGE_SPEND} FROM stages WHERE run_id IN "
+        f"submitted_at, finished_at, needs, cached, {STAGE_SPEND} FROM stages WHERE run_id IN "
         "(SELECT value FROM json_each(?)) ORDER BY run_id, position, rowid"
     )
     for r in conn.execute(query, (json.dumps(ids),)):

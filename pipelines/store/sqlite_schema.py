@@ -134,4 +134,18 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX spend_by_at ON spend (at);
     """,
+    # 6: the result cache: a stage served from it, each entry, and an attempt's key.
+    """
+    ALTER TABLE stages ADD COLUMN cached INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN cache_key TEXT;
+    CREATE TABLE result_cache (
+        key TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        outputs TEXT NOT NULL,
+        mirrored TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )

@@ -128,8 +128,9 @@ function duration(run) {
   return seconds < 120 ? `${seconds.toFixed(1)} s` : `${(seconds / 60).toFixed(1)} min`;
 }
 
-function cost(run) {
-  return typeof run.cost_usd === "number" ? `$${run.cost_usd.toFixed(2)}` : "—";
+function cost(item) {
+  if (typeof item.cost_usd === "number") return `$${item.cost_usd.toFixed(2)}`;
+  return item.cost_known_usd > 0 ? `≥ $${item.cost_known_usd.toFixed(2)}` : "—";
 }
 
 // -- the runs list -----------------------------------------------------------------------
@@ -333,7 +334,8 @@ function dag(run) {
     status.setAttribute("x", x + 10);
     status.setAttribute("y", y + 32);
     status.setAttribute("fill", `var(--${stage.status})`);
-    status.textContent = `${stage.status} · attempt ${stage.attempt}`;
+    status.textContent = stage.cached
+      ? `${stage.status} · cached` : `${stage.status} · attempt ${stage.attempt}`;
     group.append(rect, name, status);
     group.addEventListener("click", () =>
       document.getElementById(`stage-${stage.name}`)?.scrollIntoView({ behavior: "smooth" }));
@@ -350,7 +352,8 @@ function stageCard(stage, deliveries) {
     el("dl", {},
       el("dt", {}, "model"), el("dd", {}, stage.model),
       el("dt", {}, "attempt"), el("dd", {}, String(stage.attempt)),
-      el("dt", {}, "task"), el("dd", {}, stage.task_id || "—"),
+      el("dt", {}, "task"), el("dd", {}, stage.cached ? "— (served from the cache)" : stage.task_id || "—"),
+      el("dt", {}, "cost"), el("dd", {}, cost(stage)),
       el("dt", {}, "submitted"), el("dd", {}, timings.submitted_at || "—"),
       el("dt", {}, "finished"), el("dd", {}, timings.finished_at || "—"),
       el("dt", {}, "took"), el("dd", {},

@@ -5,6 +5,7 @@ and GET /v1/spend; budgets refuse a run at creation with a 402 naming the cap.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,42 @@ async def test_a_run_budget_in_the_pipeline_is_shown_and_held(
     assert run["budget_usd"] == 0.05 and run["deadline_at"] is not None
     done = await wc.wait(run["id"])
     assert done["cost_usd"] == 0.03 and done["status"] == "succeeded"
+
+
+async def test_with_budget_exceeded_wait_a_retry_over_the_cap_waits_unsubmitted(
+    make_wavechain: WavechainFactory, make_emulator: EmulatorFactory, prices: str
+) -> None:
+    """The first attempt ($0.03) fails; its retry would cross the $0.05 cap: with
+    BUDGET_EXCEEDED=wait it waits (the run keeps running) and is never sent."""
+    emulator = await make_emulator(fail_models=[IMG])
+    wc = await make_wavechain(
+        emulator,
+        prices_file=prices,
+        daily_budget_usd=0.05,
+        budget_exceeded="wait",
+        budget_wait_s=0.2,
+    )
+    stage = {"model": IMG, "input": {"prompt": "p"}, "retry": {"attempts": 2, "backoff": 0.1}}
+    run = await wc.create_run({"stages": {"a": stage}})
+    await asyncio.sleep(2.0)  # the failure, the retry's backoff, several waits of 0.2 s
+    waiting = await wc.get_run(run["id"])
+    assert waiting["status"] == "running" and waiting["stages"][0]["status"] == "pending"
+    assert waiting["stages"][0]["attempt"] == 2 and waiting["cost_usd"] == 0.03
+    assert (await wc.emulator.counters())["submits"] == 1
+    status, _ = await post(wc, f"/v1/runs/{run['id']}/cancel", None)
+    assert status == 200
+
+
+async def test_without_wait_a_retry_over_the_cap_fails_the_run_saying_why(
+    make_wavechain: WavechainFactory, make_emulator: EmulatorFactory, prices: str
+) -> None:
+    emulator = await make_emulator(fail_models=[IMG])
+    wc = await make_wavechain(emulator, prices_file=prices, daily_budget_usd=0.05)
+    stage = {"model": IMG, "input": {"prompt": "p"}, "retry": {"attempts": 2, "backoff": 0.1}}
+    run = await wc.wait((await wc.create_run({"stages": {"a": stage}}))["id"])
+    assert run["status"] == "failed" and run["cost_usd"] == 0.03
+    assert "DAILY_BUDGET_USD of $0.05 would be crossed" in run["stages"][0]["error"]
+    events = await wc.app[keys.STORE].outbox(run["id"])
+    (failed,) = [e for e in events if e["type"] == "run.failed"]
+    assert "DAILY_BUDGET_USD" in failed["error"] and failed["cost_usd"] == 0.03
+    assert (await wc.emulator.counters())["submits"] == 1

@@ -44,6 +44,7 @@ IAM_ACTIONS: dict[str, dict[str, str | None]] = {
         "get_object_tagging": "s3:GetObjectTagging",
         "head_object": "s3:GetObject",
         "get_object": "s3:GetObject",
+        "copy": "s3:GetObject",  # a server-side copy (result cache): read, then PutObject
         "list_objects_v2": "s3:ListBucket",
         "generate_presigned_url": None,  # local signing; the URL's own method is checked
     },

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pipelines import spec as specs
 from pipelines.errors import InvalidTransitionError
 from pipelines.state import (
+    CacheHit,
     CancelRequested,
     Decision,
     Delete,
@@ -473,3 +474,18 @@ def test_retry_refused_while_running_or_for_unknown_stage(event: RetryRequested)
     p = pipeline()
     with pytest.raises(InvalidTransitionError):
         step(p, started(p) if event.from_stage is None else failed_video_run(p), event)
+
+
+def test_a_cache_hit_succeeds_the_stage_without_a_task() -> None:
+    """A cache hit succeeds a scheduled stage with the earlier outputs, marked cached, and
+    schedules what depends on it; after a cancel it changes nothing."""
+    p = pipeline()
+    s = mirrored_run(p)
+    d = step(p, s, CacheHit("image", 1, ("https://cdn/old.png",), ("s3://b/new/0.png",)))
+    image = d.state.stages["image"]
+    assert image.status is StageStatus.SUCCEEDED and image.cached
+    assert image.mirrored == ("s3://b/new/0.png",) and image.task_id is None
+    assert sorted(submits(d)) == [("mesh", 1), ("video", 1)]
+    assert emits(d) == ["stage.succeeded"]
+    cancelled = step(p, s, CancelRequested()).state
+    assert not step(p, cancelled, CacheHit("image", 1, ("u",), ("s3://b/x",))).changed
