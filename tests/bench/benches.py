@@ -882,4 +882,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         from tests.bench.metrics_cost import markdown as metrics_markdown
 
         lines += metrics_markdown(results["metrics"])
+    if "cache" in results:
+        from tests.bench.cache import markdown as cache_markdown
+
+        lines += cache_markdown(results["cache"])
     return "\n".join(lines)
