@@ -42,7 +42,7 @@ def test_a_repeated_run_makes_no_provider_call(tmp_path: Path, moto_endpoint: st
         "RESULT_CACHE": "on", "PRICES_FILE": str(prices),
     }  # fmt: skip
     with stack(tmp_path, SECRET, env, latency=0.2) as urls:
-        body = {"pipeline": "image_video_3d", "inputs": {"seed": 11}}
+        body: dict[str, Any] = {"pipeline": "image_video_3d", "inputs": {"seed": 11}}
         runs = []
         for _ in range(2):
             r = requests.post(f"{urls.api}/v1/runs", json=body, timeout=10)
