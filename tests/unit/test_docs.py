@@ -14,6 +14,7 @@ DOCS = [
     "docs/architecture.md",
     "docs/benchmarks.md",
     "docs/configuration.md",
+    "docs/costs.md",
     "docs/operating.md",
     "docs/reliability.md",
     "infra/README.md",
