@@ -179,6 +179,8 @@ class Engine:
             deadline_at=_deadline_at(deadline, pipeline.deadline_s, now),
             budget_usd=pipeline.budget_usd if budget_usd is None else budget_usd,
         )
+        if idempotency is not None and (replay := await self.store.run_for_key(idempotency.key)):
+            raise replay  # a request sent again: its run, even if a cap is reached since
         await self._affordable(pipeline, bound, options.budget_usd, now)
         run_id = await self.store.create_run(
             pipeline,

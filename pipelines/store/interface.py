@@ -22,6 +22,7 @@ from pipelines.store.records import (
     Charge,
     DueStage,
     Idempotency,
+    IdempotentReplay,
     Job,
     OutboxRow,
     Pruned,
@@ -91,6 +92,10 @@ class Store(Protocol):
         ``IdempotentReplay`` naming it, atomically (two requests with one key, on any
         replicas, make one run)."""
         ...
+
+    async def run_for_key(self, key: str) -> IdempotentReplay | None:
+        """The run an Idempotency-Key started, if any (read only; ``create_run`` is what
+        decides, atomically)."""
 
     async def apply(
         self, run_id: str, event: Event, *, now: float, finish_job: int | None = None

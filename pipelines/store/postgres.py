@@ -383,6 +383,14 @@ class PostgresStore:
         self._changed()
         return run_id
 
+    async def run_for_key(self, key: str) -> IdempotentReplay | None:
+        row = await self._read(
+            lambda conn: conn.fetchrow(
+                "SELECT id, request_hash FROM runs WHERE idempotency_key = $1", key
+            )
+        )
+        return None if row is None else IdempotentReplay(str(row[0]), str(row[1]))
+
     async def apply(
         self, run_id: str, event: Event, *, now: float, finish_job: int | None = None
     ) -> Decision:

@@ -336,6 +336,15 @@ class SqliteStore:
         self._changed()
         return run_id
 
+    async def run_for_key(self, key: str) -> IdempotentReplay | None:
+        def op(conn: sqlite3.Connection) -> IdempotentReplay | None:
+            row = conn.execute(
+                "SELECT id, request_hash FROM runs WHERE idempotency_key = ?", (key,)
+            ).fetchone()
+            return None if row is None else IdempotentReplay(row[0], row[1])
+
+        return await self._read(op)
+
     async def apply(
         self, run_id: str, event: Event, *, now: float, finish_job: int | None = None
     ) -> Decision:

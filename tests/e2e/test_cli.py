@@ -324,3 +324,24 @@ def test_serve_beyond_loopback_needs_a_token_or_an_explicit_opt_out(tmp_path: Pa
                        log=log, env=env):  # fmt: skip
             assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
         assert ("service.insecure_no_auth" in log.read_text()) == bool(extra_args)
+
+
+def test_run_takes_a_deadline_and_a_budget_and_spend_reports(stack: str) -> None:
+    """`run --deadline --budget-usd`: the run carries both; a budget the shipped price
+    table cannot check (image and 3D prices unknown) is refused, naming why; `spend`
+    reports what was spent (i2v's published $0.40 per run so far, at least)."""
+    proc = cli("run", "image_video_3d", "--deadline", "600", "--wait", "--json",
+               "--server", stack)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)
+    assert run["deadline_at"] is not None and run["budget_usd"] is None
+    assert run["cost_usd"] is None and run["cost_known_usd"] == 0.4  # image, 3D unknown
+    refused = cli("run", "image_video_3d", "--budget-usd", "5", "--server", stack)
+    assert refused.returncode == 2 and "no known price" in refused.stderr, refused.stderr
+    spend = cli("spend", "--by", "model", "--json", "--server", stack)
+    report = json.loads(spend.stdout)
+    by_model = {g["key"]: g for g in report["groups"]}
+    assert by_model["wavespeed-ai/hunyuan-video/i2v"]["usd"] >= 0.4
+    assert by_model["wavespeed-ai/hunyuan-image-2.1"]["unknown"] >= 1
+    table = cli("spend", "--server", stack)
+    assert "without a known price" in table.stdout and "DAY" in table.stdout

@@ -199,3 +199,20 @@ async def test_without_wait_a_retry_over_the_cap_fails_the_run_saying_why(
     (failed,) = [e for e in events if e["type"] == "run.failed"]
     assert "DAILY_BUDGET_USD" in failed["error"] and failed["cost_usd"] == 0.03
     assert (await wc.emulator.counters())["submits"] == 1
+
+
+async def test_a_request_sent_again_gets_its_run_even_once_the_cap_is_reached(
+    make_wavechain: WavechainFactory, prices: str
+) -> None:
+    wc = await make_wavechain(prices_file=prices, daily_budget_usd=0.05)
+    headers = {"Idempotency-Key": "order-1"}
+    body = {"pipeline": IMAGE_ONLY}
+    async with wc.http.post(f"{wc.base_url}/v1/runs", json=body, headers=headers) as resp:
+        assert resp.status == 201
+        first = await resp.json()
+    await wc.wait(first["id"])  # $0.03 of $0.05 spent: another run is over the cap
+    status, _ = await post(wc, "/v1/runs", body)
+    assert status == 402
+    async with wc.http.post(f"{wc.base_url}/v1/runs", json=body, headers=headers) as resp:
+        assert resp.status == 200 and resp.headers["Idempotent-Replayed"] == "true"
+        assert (await resp.json())["id"] == first["id"]
