@@ -59,8 +59,9 @@ async def test_no_polls_when_callbacks_arrive(
 async def test_running_task_times_out_at_hard_limit_then_late_callback_is_ignored(
     make_emulator: EmulatorFactory, make_wavechain: WavechainFactory
 ) -> None:
-    """A task silent and still running past the hard limit times out; the retry (new
-    attempt, new token) succeeds; attempt 1's late callback is recorded with no effect."""
+    """A task silent and still running past the hard limit times out and is deleted at
+    the provider; the retry (new attempt, new token) succeeds; attempt 1's late callback
+    (its task now deleted) is recorded with no effect."""
     emulator = await make_emulator(latency_s=1.5)
     wc = await make_wavechain(
         emulator, callback_timeout_s=0.2, hard_timeout_factor=2.0, reconcile_interval_s=0.05
@@ -77,7 +78,10 @@ async def test_running_task_times_out_at_hard_limit_then_late_callback_is_ignore
     await asyncio.sleep(1.6)  # attempt 1's task finishes and its webhook arrives
     effects = [d["effect"] for d in await wc.app[keys.STORE].deliveries(run_id)]
     assert sorted(effects) == ["applied", "no_effect"]
-    assert len({t["webhook"] for t in await emulator.tasks()}) == 2
+    tasks = await emulator.tasks()
+    assert len({t["webhook"] for t in tasks}) == 2
+    assert sorted(t["status"] for t in tasks) == ["completed", "deleted"]
+    assert (await emulator.counters())["tasks_deleted_running"] == 1
 
 
 async def test_webhook_and_sweeper_racing_make_one_transition(
