@@ -11,6 +11,7 @@ import asyncio
 import base64
 import gzip
 import json
+import math
 import struct
 import time
 import uuid
@@ -100,6 +101,10 @@ async def submit(request: web.Request) -> web.Response:
         status, headers = fault
         response = envelope(status, "rate limit exceeded" if status == 429 else "server busy")
         response.headers.update(headers)
+        return response
+    if (wait := provider.throttled()) is not None:
+        response = envelope(429, "rate limit exceeded for your account level")
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return response
     webhook = request.query.get("webhook")
     try:

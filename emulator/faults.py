@@ -22,6 +22,16 @@ _RATES = (
 )
 
 
+#: WaveSpeed's account levels (docs: account-levels): tasks per minute, and tasks running
+#: at once (above it they queue). Gold's concurrency is not published: unlimited here.
+ACCOUNT_LEVELS: dict[str, tuple[int, int | None]] = {
+    "bronze": (2, 2),
+    "silver": (500, 300),
+    "gold": (3000, None),
+    "ultra": (5000, 10_000),
+}
+
+
 class FaultError(ValueError):
     """A fault setting is unknown or out of range."""
 
@@ -53,6 +63,12 @@ class Faults:
     submit_unclear_answer: str = "malformed"
     #: Share of task deletes answered 503 (nothing deleted): a client must retry them.
     delete_error_rate: float = 0.0
+    #: The account's rate limit: submits per ``rate_window_s`` (a fixed window, reset at
+    #: its end, as WaveSpeed's per minute); above it, 429 with Retry-After. None: no limit.
+    rate_limit: int | None = None
+    rate_window_s: float = 60.0
+    #: Tasks running at once; the others wait in ``created`` (they queue, not fail).
+    max_concurrent: int | None = None
     #: What ``GET /api/v3/account/balance`` answers, in USD.
     balance_usd: float = 1000.0
     #: Serve outputs with this Content-Encoding (``gzip``), compressed, as a CDN may.
@@ -97,8 +113,7 @@ class Faults:
             )
         if self.output_encoding not in (None, "gzip"):
             raise FaultError(f"output_encoding must be gzip or null, got {self.output_encoding!r}")
-        if self.balance_usd < 0:
-            raise FaultError(f"balance_usd must be >= 0, got {self.balance_usd}")
+        self._check_account()
         if self.large_output_bytes is not None and self.large_output_bytes < 1:
             raise FaultError("large_output_bytes must be positive")
 
@@ -111,6 +126,28 @@ class Faults:
                 raise FaultError(f"unknown fault {name!r}; known: {', '.join(sorted(known))}")
             clean[name] = _coerce(name, known[name].type, value)
         return dataclasses.replace(self, **clean)
+
+    def _check_account(self) -> None:
+        """The account's limits and balance."""
+        for name in ("rate_limit", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FaultError(f"{name} must be >= 1 or null, got {value}")
+        if self.rate_window_s <= 0:
+            raise FaultError(f"rate_window_s must be > 0, got {self.rate_window_s}")
+        if self.balance_usd < 0:
+            raise FaultError(f"balance_usd must be >= 0, got {self.balance_usd}")
+
+    def at_level(self, level: str) -> Faults:
+        """The limits of a WaveSpeed account level (bronze, silver, gold, ultra)."""
+        if level not in ACCOUNT_LEVELS:
+            raise FaultError(
+                f"account level must be one of {', '.join(ACCOUNT_LEVELS)}, got {level!r}"
+            )
+        per_minute, concurrent = ACCOUNT_LEVELS[level]
+        return dataclasses.replace(
+            self, rate_limit=per_minute, rate_window_s=60.0, max_concurrent=concurrent
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

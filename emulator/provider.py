@@ -158,6 +158,9 @@ class Provider:
         self.rng = random.Random(faults.rng_seed)
         self._background: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        #: The account's rate window (its number) and the submits counted in it.
+        self._window = (-1, 0)
+        self._slots = _Slots(faults.max_concurrent)
 
     # lifecycle ---------------------------------------------------------------
 
@@ -174,6 +177,8 @@ class Provider:
             await self._session.close()
 
     def set_faults(self, faults: Faults) -> None:
+        if faults.max_concurrent != self.faults.max_concurrent:
+            self._slots.resize(faults.max_concurrent)
         self.faults = faults
         if faults.rng_seed is not None:
             self.rng = random.Random(faults.rng_seed)
@@ -198,6 +203,22 @@ class Provider:
         return rate > 0 and self.rng.random() < rate
 
     # tasks -------------------------------------------------------------------
+
+    def throttled(self) -> float | None:
+        """Count a submit against the account's rate limit: None if it may go on, else the
+        seconds until the window resets (a 429's Retry-After)."""
+        limit, window = self.faults.rate_limit, self.faults.rate_window_s
+        if limit is None:
+            return None
+        now = time.monotonic()
+        number = int(now // window)
+        current, count = self._window
+        count = count + 1 if number == current else 1
+        self._window = (number, count)
+        if count > limit:
+            self.stats["submits_throttled"] += 1
+            return (number + 1) * window - now
+        return None
 
     def create_task(
         self, rules: ModelRules, params: dict[str, Any], origin: str, webhook: str | None
@@ -227,6 +248,12 @@ class Provider:
                 self._schedule_webhook(task, task.webhook)
 
     async def _run(self, task: Task) -> None:
+        async with self._slots:  # above the account's concurrency, tasks queue
+            running = self._slots.running
+            self.stats["max_running"] = max(self.stats["max_running"], running)
+            await self._work(task)
+
+    async def _work(self, task: Task) -> None:
         started = time.monotonic()
         latency = self.faults.latency_s
         await asyncio.sleep(latency * 0.25)
@@ -381,6 +408,28 @@ class Provider:
                 self.stats["webhooks_delivered"] += 1
                 return
         self.stats["webhooks_abandoned"] += 1
+
+
+class _Slots:
+    """Tasks running at once, up to a limit (None: no limit) that may change."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.running = 0
+        self._freed = asyncio.Condition()
+
+    def resize(self, limit: int | None) -> None:
+        self.limit = limit
+
+    async def __aenter__(self) -> None:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.limit is None or self.running < self.limit)
+            self.running += 1
+
+    async def __aexit__(self, *_: object) -> None:
+        async with self._freed:
+            self.running -= 1
+            self._freed.notify_all()
 
 
 class TaskFailure(Exception):

@@ -12,7 +12,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -29,9 +29,11 @@ from pipelines.errors import (
     SpecError,
     SubmitOutcomeUnknownError,
 )
+from pipelines.governor import Governor
 from pipelines.health import NO_REPORTS, Reporter
 from pipelines.metrics import (
     CACHE_LOOKUPS,
+    GOVERNOR_THROTTLED,
     HANDOFF_SECONDS,
     JOB_WAIT_SECONDS,
     JOBS,
@@ -95,6 +97,9 @@ class EngineConfig:
     #: Serve stages from the result cache unless they say ``cache: false`` (a stage's
     #: ``cache: true`` opts in either way). Needs the S3 mirror.
     result_cache: bool = False
+    #: Providers' account limits (enforced by the store's claims); a 429 lowers the rate
+    #: for a window.
+    governor: Governor = field(default_factory=Governor)
     #: A task delete refused by a 5xx or throttled, or waiting for its submit's answer
     #: (the task id), is tried this often before it is given up (and logged).
     max_delete_tries: int = 10
@@ -168,6 +173,8 @@ class Engine:
         idempotency: Idempotency | None = None,
         deadline: float | datetime | None = None,
         budget_usd: float | None = None,
+        priority: int = 5,
+        concurrency: tuple[str | None, int | None] = (None, None),
     ) -> str:
         """The new run's id. With ``idempotency`` whose key names a run already, raises
         ``IdempotentReplay`` (from the store) and starts nothing. ``deadline`` (seconds
@@ -178,6 +185,9 @@ class Engine:
         options = RunOptions(
             deadline_at=_deadline_at(deadline, pipeline.deadline_s, now),
             budget_usd=pipeline.budget_usd if budget_usd is None else budget_usd,
+            priority=priority,
+            concurrency_key=concurrency[0],
+            concurrency_limit=concurrency[1],
         )
         if idempotency is not None and (replay := await self.store.run_for_key(idempotency.key)):
             raise replay  # a request sent again: its run, even if a cap is reached since
@@ -464,6 +474,8 @@ class Engine:
             log.warning("stage.submit_outcome_unknown", error=str(exc))
             return "unknown"
         except ProviderError as exc:
+            if exc.status == 429:
+                await self._throttled(model.provider, exc.retry_after)
             if exc.retryable and job.tries < self.config.max_submit_tries:
                 # Proven not to have created a task: this attempt's row goes, and the job
                 # comes back after its backoff, never sooner than the provider's Retry-After.
@@ -521,6 +533,17 @@ class Engine:
         CACHE_LOOKUPS.labels("hit").inc()
         log.info("stage.cached", key=key, source_run=entry.run_id, changed=decision.changed)
         return True
+
+    async def _throttled(self, provider: str, retry_after: float | None) -> None:
+        """A 429 despite the governor (another client on the account, or limits set too
+        high): every replica lowers the provider's rate for a window (or Retry-After)."""
+        limits = self.config.governor.limits.get(provider)
+        window = limits.window_s if limits is not None else 60.0
+        factor = await self.store.throttle(
+            provider, now=self._clock(), for_s=max(window, retry_after or 0.0)
+        )
+        GOVERNOR_THROTTLED.labels(provider).inc()
+        log.warning("governor.throttled", provider=provider, rate_factor=factor)
 
     async def _over_budget(self, job: Job, error: str) -> str:
         """A stage that would cross a cap is not submitted: its run fails with the reason,

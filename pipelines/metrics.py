@@ -41,6 +41,11 @@ CACHE_LOOKUPS = Counter(
     "were deleted), or uncacheable (no fixed seed, or an upstream without a digest).",
     ["result"],
 )
+GOVERNOR_THROTTLED = Counter(
+    "wavechain_governor_throttled",
+    "429s received despite the governor: each lowers the provider's rate for a window.",
+    ["provider"],
+)
 JOB_WAIT_SECONDS = Histogram(
     "wavechain_job_wait_seconds",
     "From a job becoming due to a worker claiming it.",

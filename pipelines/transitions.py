@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
+from pipelines.catalog import get_model
 from pipelines.spec import Pipeline
 from pipelines.state import (
     Decision,
@@ -113,6 +114,8 @@ class JobWrite(NamedTuple):
     stage: str
     attempt: int
     run_after: float
+    #: The stage's provider (the governor limits its submits).
+    provider: str | None = None
 
 
 class EventWrite(NamedTuple):
@@ -168,9 +171,10 @@ def plan(
     events = []
     for command in decision.commands:
         if isinstance(command, Submit):
-            jobs.append(
-                JobWrite("submit", command.stage, command.attempt, command.not_before or now)
-            )
+            model = get_model(pipeline.stages[command.stage].model)
+            provider = model.provider if model is not None else None
+            run_after = command.not_before or now
+            jobs.append(JobWrite("submit", command.stage, command.attempt, run_after, provider))
         elif isinstance(command, Mirror):
             jobs.append(JobWrite("mirror", command.stage, command.attempt, now))
         elif isinstance(command, Delete):

@@ -15,7 +15,7 @@ import anyio.to_thread
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from pipelines import budget
+from pipelines import budget, governor
 from pipelines import spec as specs
 from pipelines.catalog import get_model
 from pipelines.errors import IdempotencyKeyReusedError, PipelineTooLargeError, SpecError
@@ -108,9 +108,27 @@ class RunRequest(NamedTuple):
     #: Seconds from now, or a time; None: the pipeline's.
     deadline: float | datetime | None
     budget_usd: float | None
+    priority: int
+    concurrency_key: str | None
+    concurrency_limit: int | None
 
 
-_RUN_FIELDS = ("pipeline", "inputs", "deadline", "budget_usd")
+_RUN_FIELDS = (
+    "pipeline", "inputs", "deadline", "budget_usd", "priority", "concurrency_key",
+    "concurrency_limit",
+)  # fmt: skip
+
+
+def _concurrency(body: dict[str, Any]) -> tuple[str | None, int | None]:
+    key, cap = body.get("concurrency_key"), body.get("concurrency_limit")
+    if key is not None and (not isinstance(key, str) or not key or not _storable(key, 200)):
+        raise SpecError("concurrency_key: must be a text of 1 to 200 characters, with no NUL")
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 100_000:
+            raise SpecError(f"concurrency_limit: must be an integer 1..100000, got {cap!r}")
+        if key is None:
+            raise SpecError("concurrency_limit: needs a concurrency_key to count by")
+    return key, cap
 
 
 def _deadline(value: Any) -> float | datetime | None:
@@ -158,7 +176,12 @@ async def _run_request(request: web.Request, body: dict[str, Any]) -> RunRequest
     if not isinstance(inputs, dict):
         raise SpecError("inputs: must be an object of input name to value")
     deadline, budget = _deadline(body.get("deadline")), _budget(body.get("budget_usd"))
-    return RunRequest(pipeline, inputs, deadline, budget)
+    try:
+        priority = governor.priority_of(body.get("priority", "normal"))
+    except ValueError as exc:
+        raise SpecError(f"priority: {exc}") from None
+    key, cap = _concurrency(body)
+    return RunRequest(pipeline, inputs, deadline, budget, priority, key, cap)
 
 
 async def estimate_run(request: web.Request) -> web.Response:
@@ -181,6 +204,8 @@ async def create_run(request: web.Request) -> web.Response:
             idempotency=idempotency,
             deadline=run.deadline,
             budget_usd=run.budget_usd,
+            priority=run.priority,
+            concurrency=(run.concurrency_key, run.concurrency_limit),
         )
     except IdempotentReplay as replay:
         assert idempotency is not None  # noqa: S101 - only raised for a key

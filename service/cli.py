@@ -67,6 +67,12 @@ def _add_emulator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--port", type=int, default=8900, help="listen port (default 8900)")
     p.add_argument("--latency", type=float, help="seconds from submit to a finished task")
     p.add_argument(
+        "--account-level",
+        choices=["bronze", "silver", "gold", "ultra"],
+        help="enforce a WaveSpeed account level's limits: tasks per minute (429 above) and "
+        "tasks at once (queued above); e.g. bronze: 2 per minute, 2 at once",
+    )
+    p.add_argument(
         "--webhook-secret",
         help="whsec_… secret to sign webhooks with (default: $EMULATOR_WEBHOOK_SECRET or random)",
     )
@@ -89,7 +95,8 @@ def _run_emulator(args: argparse.Namespace, env: dict[str, str]) -> int:
     if args.latency is not None:
         changes["latency_s"] = args.latency
     try:
-        faults = Faults().updated(changes)
+        base = Faults().at_level(args.account_level) if args.account_level else Faults()
+        faults = base.updated(changes)
     except FaultError as exc:
         print(f"wavechain emulator: {exc}", file=sys.stderr)
         return 2

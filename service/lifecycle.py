@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -85,7 +86,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         # The provider client's own timeout (30 s), and a margin.
         submit_timeout_s=60.0,
         pool_size=settings.database_pool_size,
+        governor=settings.governor(),
     )
+    for provider, limits in config.governor.limits.items():
+        log.info("governor.limits", provider=provider, **dataclasses.asdict(limits))
     store = open_store(settings.database_url, config)
     await store.start()
     log.info("store.opened", database=parse_database_url(settings.database_url).redacted())
@@ -126,6 +130,7 @@ def build_engine(
         check_balance=settings.check_balance,
         balance_cache_s=settings.balance_cache_s,
         result_cache=settings.result_cache,
+        governor=settings.governor(),
     )
     mirror = None
     if settings.s3_bucket:

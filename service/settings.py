@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pipelines.catalog import Provider
 from pipelines.errors import ConfigError
+from pipelines.governor import LEVELS, AccountLimits, Governor
 from pipelines.providers import ProviderAccess, is_loopback
 from pipelines.secrets import Secret
 from pipelines.spec import Limits
@@ -100,12 +101,31 @@ class Settings:
     #: run whose estimate is more than it; the answer is kept ``balance_cache_s``.
     check_balance: bool = False
     balance_cache_s: float = 60.0
+    #: WaveSpeed account limits (the governor): a level's, or explicit numbers (which win).
+    wavespeed_account_level: str | None = None
+    wavespeed_tasks_per_min: int | None = None
+    wavespeed_max_in_flight: int | None = None
+    #: The length of the rate's window (WaveSpeed: a minute); shorter for tests.
+    wavespeed_rate_window_s: float = 60.0
     #: Serve every stage with a fixed seed from the result cache unless it says
     #: ``cache: false`` (without it, only stages that say ``cache: true``). Needs S3_BUCKET.
     result_cache: bool = False
     event_retry_base_s: float = 1.0
     #: How often a webhook secret fetched from the provider is fetched again.
     webhook_secret_refresh_s: float = 3600.0
+
+    def governor(self) -> Governor:
+        """The providers' account limits: WAVESPEED_ACCOUNT_LEVEL's, then the explicit
+        WAVESPEED_TASKS_PER_MIN / WAVESPEED_MAX_IN_FLIGHT over them."""
+        per_window, in_flight = LEVELS.get(self.wavespeed_account_level or "", (None, None))
+        if self.wavespeed_tasks_per_min is not None:
+            per_window = self.wavespeed_tasks_per_min
+        if self.wavespeed_max_in_flight is not None:
+            in_flight = self.wavespeed_max_in_flight
+        if per_window is None and in_flight is None:
+            return Governor()
+        limits = AccountLimits(per_window, self.wavespeed_rate_window_s, in_flight)
+        return Governor({"wavespeed": limits})
 
     def allowed_hosts(self) -> tuple[str, ...]:
         hosts = {urlsplit(u).hostname for u in (self.wavespeed_base_url, self.aimlapi_base_url)}
@@ -155,6 +175,11 @@ class Settings:
                 values[attr] = parse(env, var)
         if values.get("downstream_urls", "mirrored") not in ("mirrored", "provider"):
             raise ConfigError("DOWNSTREAM_URLS must be 'mirrored' or 'provider'")
+        level = values.get("wavespeed_account_level")
+        if level is not None and level not in LEVELS:
+            raise ConfigError(
+                f"WAVESPEED_ACCOUNT_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}"
+            )
         if values.get("budget_exceeded", "fail") not in ("fail", "wait"):
             raise ConfigError("BUDGET_EXCEEDED must be 'fail' or 'wait'")
         if "database_url" in values:
@@ -277,6 +302,10 @@ _VARIABLES: tuple[tuple[str, str, Callable[[Mapping[str, str], str], Any]], ...]
     ("CHECK_BALANCE", "check_balance", _switch),
     ("BALANCE_CACHE_S", "balance_cache_s", _ranged(0, 86400)),
     ("RESULT_CACHE", "result_cache", _switch),
+    ("WAVESPEED_ACCOUNT_LEVEL", "wavespeed_account_level", _str),
+    ("WAVESPEED_TASKS_PER_MIN", "wavespeed_tasks_per_min", _ranged(1, 1_000_000)),
+    ("WAVESPEED_MAX_IN_FLIGHT", "wavespeed_max_in_flight", _ranged(1, 1_000_000)),
+    ("WAVESPEED_RATE_WINDOW_S", "wavespeed_rate_window_s", _ranged(1, 3600)),
     ("BODY_READ_TIMEOUT_S", "body_read_timeout_s", _ranged(1, 600)),
     ("KEEPALIVE_TIMEOUT_S", "keepalive_timeout_s", _ranged(1, 3600)),
     ("MAX_CONNECTIONS", "max_connections", _ranged(10, 1_000_000)),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipelines import spec as specs
+from pipelines.governor import Governor
 from pipelines.state import Decision, Event
 from pipelines.store.records import (
     NO_OPTIONS,
@@ -51,6 +52,8 @@ class StoreConfig:
     cached_spec_bytes: int = 64 * 1024 * 1024
     #: PostgreSQL: pooled connections per process (one more listens for the others).
     pool_size: int = 10
+    #: Providers' account limits: their submit jobs are claimed only while there is room.
+    governor: Governor = field(default_factory=Governor)
 
 
 Listener = Callable[[], None]
@@ -117,7 +120,13 @@ class Store(Protocol):
 
     # submit jobs
     async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
-        """Lease up to ``limit`` due jobs; a submit job comes with its context."""
+        """Lease up to ``limit`` due jobs; a submit job comes with its context. A submit
+        job of a governed provider is leased only while its account has room (counted in
+        this transaction, one claim at a time across replicas), higher priority first."""
+
+    async def throttle(self, provider: str, *, now: float, for_s: float) -> float:
+        """A 429 came back: lower the provider's rate (``governor.throttled``) for
+        ``for_s`` seconds, for every replica. Returns the new multiplier."""
 
     async def submit_context(self, job: Job) -> SubmitContext: ...
 

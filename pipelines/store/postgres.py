@@ -32,6 +32,7 @@ from pipelines import budget
 from pipelines import spec as specs
 from pipelines.backoff import backoff_s
 from pipelines.errors import ConcurrentUpdateError
+from pipelines.governor import Usage, Waiting, admit, room, throttled
 from pipelines.state import (
     Decision,
     Event,
@@ -67,12 +68,20 @@ from pipelines.store.records import (
     WebhookOutcome,
 )
 from pipelines.store.rows import (
+    GOV_CLAIMED,
+    GOV_IN_WINDOW,
+    GOV_KEYS,
+    GOV_SENDING,
+    GOV_WAITING,
     RUN_COLUMNS,
     STAGE_SPEND,
     cache_entry,
     due_stage,
     event_id,
+    factor_of,
+    governor_sql,
     parked,
+    provider_models,
     run_view,
     spend_row,
     stage_view,
@@ -99,6 +108,8 @@ _STAGES_OF_RUNS = (
 )
 #: The advisory lock budgeted submits take, one at a time ("wavechab" in ASCII).
 _BUDGET_LOCK = 0x7761766563686162
+#: The advisory lock governed claims take, one at a time ("wavechag").
+_GOVERNOR_LOCK = 0x7761766563686167
 _RUN_BY_ID = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"  # noqa: S608
 
 
@@ -337,8 +348,9 @@ class PostgresStore:
             # nothing; the SELECT (a new snapshot, READ COMMITTED) then sees that run.
             inserted = await conn.fetchval(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
-                "updated_at, idempotency_key, request_hash, deadline_at, budget_usd) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11) "
+                "updated_at, idempotency_key, request_hash, deadline_at, budget_usd, priority, "
+                "concurrency_key, concurrency_limit) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, $13, $14) "
                 "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING "
                 "RETURNING id",
                 run_id,
@@ -352,6 +364,9 @@ class PostgresStore:
                 digest,
                 options.deadline_at,
                 options.budget_usd,
+                options.priority,
+                options.concurrency_key,
+                options.concurrency_limit,
             )
             if inserted is None:
                 found = await conn.fetchrow(
@@ -788,17 +803,28 @@ class PostgresStore:
         await self._tx(op)
 
     async def claim_jobs(self, *, now: float, limit: int, lease_s: float) -> list[Job]:
+        governed = [p for p in self.config.governor.limits if self.config.governor.governs(p)]
+
         async def op(conn: Any) -> list[Job]:
-            rows = await conn.fetch(
-                "UPDATE jobs SET lease_until = $1, tries = tries + 1 WHERE id IN ("
-                "SELECT id FROM jobs WHERE run_after <= $2 "
-                "AND (lease_until IS NULL OR lease_until < $2) ORDER BY run_after, id "
-                "LIMIT $3 FOR UPDATE SKIP LOCKED) "
-                "RETURNING id, kind, run_id, stage, attempt, tries, run_after",
-                now + lease_s,
-                now,
-                limit,
-            )
+            if governed:
+                ids = await self._governed_ids(conn, governed, now=now, limit=limit)
+                rows = await conn.fetch(
+                    "UPDATE jobs SET lease_until = $1, tries = tries + 1 WHERE id = ANY($2) "
+                    "RETURNING id, kind, run_id, stage, attempt, tries, run_after",
+                    now + lease_s,
+                    ids,
+                )
+            else:
+                rows = await conn.fetch(
+                    "UPDATE jobs SET lease_until = $1, tries = tries + 1 WHERE id IN ("
+                    "SELECT id FROM jobs WHERE run_after <= $2 "
+                    "AND (lease_until IS NULL OR lease_until < $2) ORDER BY run_after, id "
+                    "LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                    "RETURNING id, kind, run_id, stage, attempt, tries, run_after",
+                    now + lease_s,
+                    now,
+                    limit,
+                )
             jobs = sorted(
                 (Job(r[0], r[1], r[2], r[3], r[4], r[5], due_at=r[6]) for r in rows),
                 key=lambda j: (j.due_at or 0.0, j.id),
@@ -828,6 +854,87 @@ class PostgresStore:
 
         jobs: list[Job] = await self._tx(op)
         return jobs
+
+    async def _governed_ids(
+        self, conn: Any, governed: list[str], *, now: float, limit: int
+    ) -> list[int]:
+        """Due jobs to lease: any but governed providers' submits, then those submits
+        while their account has room. One claim at a time across replicas (an advisory
+        lock for the transaction): the counts and the leases are one step."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _GOVERNOR_LOCK)
+        ids = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT id FROM jobs WHERE run_after <= $1 AND (lease_until IS NULL OR "
+                "lease_until < $1) AND NOT (kind = 'submit' AND COALESCE(provider, '') = "
+                "ANY($2)) ORDER BY priority DESC, run_after, id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                now,
+                governed,
+                limit,
+            )
+        ]
+        keys: dict[str, int] | None = None
+        for provider in governed:
+            if len(ids) >= limit:
+                break
+            limits = self.config.governor.limits[provider]
+
+            async def one(sql: str, *args: Any) -> int:
+                return int(await conn.fetchval(governor_sql(sql, True), *args))
+
+            claimed = await one(GOV_CLAIMED, provider, now)
+            in_flight = (
+                int(
+                    await conn.fetchval(
+                        "SELECT COUNT(*) FROM stages WHERE deadline IS NOT NULL "
+                        "AND model = ANY($1)",
+                        provider_models(provider),
+                    )
+                )
+                + await one(GOV_SENDING, provider)
+                + claimed
+            )
+            state = await conn.fetchrow(
+                "SELECT factor, until FROM governor_state WHERE provider = $1", provider
+            )
+            since = now - limits.counted_window_s
+            usage = Usage(
+                await one(GOV_IN_WINDOW, provider, since) + claimed,
+                in_flight,
+                factor_of(state, now),
+            )
+            free = min(room(limits, usage), limit - len(ids))
+            if free <= 0:
+                continue
+            rows = await conn.fetch(
+                governor_sql(GOV_WAITING, True), provider, now, now, free * 4 + 16
+            )
+            waiting = [Waiting(r[0], r[1], r[2]) for r in rows]
+            if keys is None and any(w.concurrency_key for w in waiting):
+                found = await conn.fetch(governor_sql(GOV_KEYS, True), now)
+                keys = {str(r[0]): int(r[1]) for r in found}
+            ids += admit(waiting, free, keys or {})
+        return ids
+
+    async def throttle(self, provider: str, *, now: float, for_s: float) -> float:
+        async def op(conn: Any) -> float:
+            row = await conn.fetchrow(
+                "SELECT factor, until FROM governor_state WHERE provider = $1 FOR UPDATE",
+                provider,
+            )
+            factor = throttled(float(row[0]) if row else 1.0, bool(row) and row[1] > now)
+            await conn.execute(
+                "INSERT INTO governor_state (provider, factor, until) VALUES ($1, $2, $3) "
+                "ON CONFLICT (provider) DO UPDATE SET factor = EXCLUDED.factor, "
+                "until = EXCLUDED.until",
+                provider,
+                factor,
+                now + for_s,
+            )
+            return factor
+
+        result: float = await self._tx(op)
+        return result
 
     async def retry_job(self, job: Job, *, at: float, error: str) -> None:
         await self._tx(

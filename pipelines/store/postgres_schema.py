@@ -156,6 +156,23 @@ MIGRATIONS: tuple[str, ...] = (
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 6: the provider governor: a run's priority and concurrency key (and its cap),
+    # copied to its jobs with their provider; a provider's rate after a 429.
+    """
+    ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
+    ALTER TABLE runs ADD COLUMN concurrency_key TEXT;
+    ALTER TABLE runs ADD COLUMN concurrency_limit INTEGER;
+    ALTER TABLE jobs ADD COLUMN provider TEXT;
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
+    ALTER TABLE jobs ADD COLUMN concurrency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN concurrency_limit INTEGER;
+    CREATE INDEX attempts_sending ON attempts (provider) WHERE state = 'sending';
+    CREATE TABLE governor_state (
+        provider TEXT PRIMARY KEY,
+        factor DOUBLE PRECISION NOT NULL,
+        until DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 

@@ -52,7 +52,9 @@ class Writes:
         # Several transitions of one run in a batch: the first's version guards the write.
         first_version = self.runs[run_id][4] if run_id in self.runs else version
         self.runs[run_id] = (after.status.value, after.cancelled, now, run_id, first_version)
-        self.jobs.extend((j.kind, run_id, j.stage, j.attempt, j.run_after) for j in t.jobs)
+        self.jobs.extend(
+            (j.kind, run_id, j.stage, j.attempt, j.run_after, j.provider) for j in t.jobs
+        )
         self.events.extend((e.event_id, run_id, e.type, e.body, now) for e in t.events)
 
     async def flush(self, conn: Any) -> None:
@@ -96,9 +98,12 @@ class Writes:
                 missed = sorted(set(self.runs) - {r[0] for r in updated})
                 raise ConcurrentUpdateError(f"runs {missed} changed concurrently; try again")
         if self.jobs:
+            # A job carries its run's priority and concurrency key, for the governor.
             await conn.executemany(
-                "INSERT INTO jobs (kind, run_id, stage, attempt, run_after) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                "INSERT INTO jobs (kind, run_id, stage, attempt, run_after, provider, priority, "
+                "concurrency_key, concurrency_limit) SELECT $1, id, $3, $4, $5, $6, priority, "
+                "concurrency_key, concurrency_limit FROM runs WHERE id = $2 "
+                "ON CONFLICT DO NOTHING",
                 self.jobs,
             )
             await conn.execute("SELECT pg_notify($1, '')", JOBS_CHANNEL)

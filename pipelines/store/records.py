@@ -230,6 +230,11 @@ class RunOptions(NamedTuple):
 
     deadline_at: float | None = None
     budget_usd: float | None = None
+    #: 0..9, higher first when the provider governor makes submits wait.
+    priority: int = 5
+    #: At most ``concurrency_limit`` tasks of runs with this key in flight at once.
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
 
 
 NO_OPTIONS = RunOptions()

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.catalog import get_model
+from pipelines.catalog import MODELS, get_model
 from pipelines.store.records import CacheEntry, DueStage, RunView, Spent, StageView
 
 
@@ -127,3 +127,56 @@ STAGE_SPEND = (
 )
 #: A run's columns, as ``run_view`` reads them.
 RUN_COLUMNS = "id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd"
+
+
+# The provider governor's counts (pipelines/governor.py), the same SQL on both backends
+# with ``{p}`` placeholders numbered by ``governor_sql``.
+_UNRECORDED = (
+    "NOT EXISTS (SELECT 1 FROM attempts a WHERE a.run_id = j.run_id AND a.stage = j.stage "
+    "AND a.attempt = j.attempt)"
+)
+#: (provider, since): submits recorded within the window.
+GOV_IN_WINDOW = "SELECT COUNT(*) FROM attempts WHERE provider = {p} AND created_at > {p}"
+#: (provider, now): claimed submit jobs whose attempt is not recorded yet.
+GOV_CLAIMED = (
+    "SELECT COUNT(*) FROM jobs j WHERE j.kind = 'submit' AND j.provider = {p} "  # noqa: S608
+    f"AND j.lease_until >= {{p}} AND {_UNRECORDED}"
+)
+#: (provider): submits on their way.
+GOV_SENDING = "SELECT COUNT(*) FROM attempts WHERE provider = {p} AND state = 'sending'"
+#: (provider, now, limit): due submit jobs, higher priority first, then the longest waiting.
+GOV_WAITING = (
+    "SELECT id, concurrency_key, concurrency_limit FROM jobs WHERE kind = 'submit' "
+    "AND provider = {p} AND run_after <= {p} AND (lease_until IS NULL OR lease_until < {p}) "
+    "ORDER BY priority DESC, run_after, id LIMIT {p}"
+)
+#: (now): tasks in flight (or about to be) by concurrency key, over every provider.
+GOV_KEYS = (
+    "SELECT key, COUNT(*) FROM ("  # noqa: S608
+    "SELECT r.concurrency_key AS key FROM stages s JOIN runs r ON r.id = s.run_id "
+    "WHERE s.deadline IS NOT NULL AND r.concurrency_key IS NOT NULL "
+    "UNION ALL SELECT r.concurrency_key FROM attempts a JOIN runs r ON r.id = a.run_id "
+    "WHERE a.state = 'sending' AND r.concurrency_key IS NOT NULL "
+    "UNION ALL SELECT j.concurrency_key FROM jobs j WHERE j.kind = 'submit' "
+    f"AND j.concurrency_key IS NOT NULL AND j.lease_until >= {{p}} AND {_UNRECORDED}"
+    ") keyed GROUP BY key"
+)
+
+
+def governor_sql(sql: str, numbered: bool) -> str:
+    """``sql`` with its ``{p}`` placeholders as ``?`` (SQLite) or ``$1, $2, …`` (asyncpg)."""
+    parts = sql.split("{p}")
+    out = parts[0]
+    for n, part in enumerate(parts[1:], start=1):
+        out += (f"${n}" if numbered else "?") + part
+    return out
+
+
+def provider_models(provider: str) -> list[str]:
+    """The catalog's models a provider serves (a stage row names its model)."""
+    return sorted(m.id for m in MODELS.values() if m.provider == provider)
+
+
+def factor_of(row: Any, now: float) -> float:
+    """The rate multiplier a ``governor_state`` row (factor, until) sets now."""
+    return float(row[0]) if row is not None and row[1] > now else 1.0

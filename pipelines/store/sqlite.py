@@ -27,6 +27,7 @@ import anyio.to_thread
 from pipelines import budget
 from pipelines import spec as specs
 from pipelines.errors import ConcurrentUpdateError, ConfigError
+from pipelines.governor import Usage, Waiting, admit, room, throttled
 from pipelines.state import (
     Decision,
     Event,
@@ -60,14 +61,22 @@ from pipelines.store.records import (
     WebhookOutcome,
 )
 from pipelines.store.rows import (
+    GOV_CLAIMED,
+    GOV_IN_WINDOW,
+    GOV_KEYS,
+    GOV_SENDING,
+    GOV_WAITING,
     RUN_COLUMNS,
     SPEND_BY_STAGE,
     STAGE_SPEND,
     cache_entry,
     due_stage,
     event_id,
+    factor_of,
+    governor_sql,
     parked,
     priced,
+    provider_models,
     run_view,
     spend_row,
     stage_view,
@@ -294,8 +303,9 @@ class SqliteStore:
                     return found[0], found[1]
             conn.execute(
                 "INSERT INTO runs (id, pipeline, spec, inputs, status, mirror, created_at, "
-                "updated_at, idempotency_key, request_hash, deadline_at, budget_usd) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, idempotency_key, request_hash, deadline_at, budget_usd, priority, "
+                "concurrency_key, concurrency_limit) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     pipeline.name,
@@ -309,6 +319,9 @@ class SqliteStore:
                     digest,
                     options.deadline_at,
                     options.budget_usd,
+                    options.priority,
+                    options.concurrency_key,
+                    options.concurrency_limit,
                 ),
             )
             conn.executemany(
@@ -534,10 +547,13 @@ class SqliteStore:
             raise ConcurrentUpdateError(f"run {run_id} changed concurrently; try again")
         self._cache.remember(after, version + 1)
         if t.jobs:
+            # A job carries its run's priority and concurrency key, for the governor.
             conn.executemany(
-                "INSERT INTO jobs (kind, run_id, stage, attempt, run_after) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [(j.kind, run_id, j.stage, j.attempt, j.run_after) for j in t.jobs],
+                "INSERT INTO jobs (kind, run_id, stage, attempt, run_after, provider, priority, "
+                "concurrency_key, concurrency_limit) SELECT ?, id, ?, ?, ?, ?, priority, "
+                "concurrency_key, concurrency_limit FROM runs WHERE id = ? "
+                "ON CONFLICT DO NOTHING",
+                [(j.kind, j.stage, j.attempt, j.run_after, j.provider, run_id) for j in t.jobs],
             )
         if t.events:
             spend = {
@@ -737,19 +753,87 @@ class SqliteStore:
         """Not durable: a lease lost in a power cut only lets the job be claimed again, and
         a submit is never sent twice blindly (its attempt row is durable before it leaves)."""
 
+        governed = [p for p in self.config.governor.limits if self.config.governor.governs(p)]
+
         def op(conn: sqlite3.Connection) -> list[Job]:
-            rows = conn.execute(
-                "UPDATE jobs SET lease_until = ?, tries = tries + 1 WHERE id IN ("
-                "SELECT id FROM jobs WHERE run_after <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_after, id LIMIT ?) "
-                "RETURNING id, kind, run_id, stage, attempt, tries, run_after",
-                (now + lease_s, now, now, limit),
-            ).fetchall()
+            if governed:
+                ids = self._governed_ids(conn, governed, now=now, limit=limit)
+                rows = conn.execute(
+                    "UPDATE jobs SET lease_until = ?, tries = tries + 1 WHERE id IN "
+                    "(SELECT value FROM json_each(?)) "
+                    "RETURNING id, kind, run_id, stage, attempt, tries, run_after",
+                    (now + lease_s, json.dumps(ids)),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "UPDATE jobs SET lease_until = ?, tries = tries + 1 WHERE id IN ("
+                    "SELECT id FROM jobs WHERE run_after <= ? "
+                    "AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_after, id LIMIT ?) "
+                    "RETURNING id, kind, run_id, stage, attempt, tries, run_after",
+                    (now + lease_s, now, now, limit),
+                ).fetchall()
             rows.sort(key=lambda r: (r[6], r[0]))
             jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5], due_at=r[6]) for r in rows]
             return [self._with_context(conn, job) for job in jobs]
 
         return await self._db.run(op, durable=False)
+
+    def _governed_ids(
+        self, conn: sqlite3.Connection, governed: list[str], *, now: float, limit: int
+    ) -> list[int]:
+        """Due jobs to lease: any but governed providers' submits, then those submits
+        while their account has room (inside the one write transaction: no other claim
+        runs meanwhile)."""
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM jobs WHERE run_after <= ? AND (lease_until IS NULL OR "
+                "lease_until < ?) AND NOT (kind = 'submit' AND COALESCE(provider, '') IN "
+                "(SELECT value FROM json_each(?))) ORDER BY priority DESC, run_after, id LIMIT ?",
+                (now, now, json.dumps(governed), limit),
+            )
+        ]
+        keys: dict[str, int] | None = None
+        for provider in governed:
+            if len(ids) >= limit:
+                break
+            limits = self.config.governor.limits[provider]
+
+            def one(sql: str, *args: Any) -> int:
+                return int(conn.execute(governor_sql(sql, False), args).fetchone()[0])
+
+            claimed = one(GOV_CLAIMED, provider, now)
+            models = json.dumps(provider_models(provider))
+            in_flight = (
+                conn.execute(
+                    "SELECT COUNT(*) FROM stages WHERE deadline IS NOT NULL "
+                    "AND model IN (SELECT value FROM json_each(?))",
+                    (models,),
+                ).fetchone()[0]
+                + one(GOV_SENDING, provider)
+                + claimed
+            )
+            since = now - limits.counted_window_s
+            usage = Usage(
+                one(GOV_IN_WINDOW, provider, since) + claimed,
+                in_flight,
+                factor_of(conn.execute(
+                    "SELECT factor, until FROM governor_state WHERE provider = ?", (provider,)
+                ).fetchone(), now),
+            )  # fmt: skip
+            free = min(room(limits, usage), limit - len(ids))
+            if free <= 0:
+                continue
+            waiting = [
+                Waiting(*r)
+                for r in conn.execute(
+                    governor_sql(GOV_WAITING, False), (provider, now, now, free * 4 + 16)
+                )
+            ]
+            if keys is None and any(w.concurrency_key for w in waiting):
+                keys = dict(conn.execute(governor_sql(GOV_KEYS, False), (now,)).fetchall())
+            ids += admit(waiting, free, keys or {})
+        return ids
 
     def _with_context(self, conn: sqlite3.Connection, job: Job) -> Job:
         if job.kind != "submit" or self._cache.pipeline(job.run_id) is None:
@@ -769,6 +853,20 @@ class SqliteStore:
             # One run's unreadable state must not stop every claim: its job reads it
             # again, fails and backs off alone.
             return job
+
+    async def throttle(self, provider: str, *, now: float, for_s: float) -> float:
+        def op(conn: sqlite3.Connection) -> float:
+            row = conn.execute(
+                "SELECT factor, until FROM governor_state WHERE provider = ?", (provider,)
+            ).fetchone()
+            factor = throttled(row[0] if row else 1.0, bool(row) and row[1] > now)
+            conn.execute(
+                "INSERT OR REPLACE INTO governor_state (provider, factor, until) VALUES (?, ?, ?)",
+                (provider, factor, now + for_s),
+            )
+            return factor
+
+        return await self._db.run(op)
 
     async def retry_job(self, job: Job, *, at: float, error: str) -> None:
         await self._db.run(

@@ -15,6 +15,7 @@ import pytest
 
 from pipelines import spec as specs
 from pipelines.errors import BudgetExceededError, InvalidTransitionError, SpecError
+from pipelines.governor import AccountLimits, Governor
 from pipelines.state import CancelRequested, Submitted, TaskFailed, TaskSucceeded
 from pipelines.store import Job, Store, StoreConfig, WebhookOutcome, open_store
 from pipelines.store.records import (
@@ -574,3 +575,46 @@ async def test_the_provider_s_figure_replaces_the_price(store: Store) -> None:
     assert run is not None and run.as_json()["cost_usd"] == 0.042
     report = await store.spend_report(since=0.0, by="pipeline")
     assert report == [{"key": "p", "usd": 0.042, "unknown": 0, "attempts": 1}]
+
+
+GOVERNED = Governor({"wavespeed": AccountLimits(per_window=3, window_s=60, in_flight=5)})
+
+
+async def test_governed_claims_stay_inside_the_account_across_stores(open_: OpenStore) -> None:
+    """Three stores (replicas) claiming at once lease no more WaveSpeed submits than the
+    account's rate allows; recorded attempts keep counting; the window frees them; the
+    in-flight cap holds what is still running."""
+    stores = [await open_(governor=GOVERNED) for _ in range(3)]
+    for _ in range(10):
+        await stores[0].create_run(PIPELINE, {}, now=100.0)
+    claims = await asyncio.gather(*(s.claim_jobs(now=100.0, limit=10, lease_s=30) for s in stores))
+    jobs = [job for claim in claims for job in claim]
+    assert len(jobs) == 3
+    for n, job in enumerate(jobs):
+        await stores[0].record_attempt(job, f"gov-{n}", provider="wavespeed", now=100.0)
+    assert await stores[1].claim_jobs(now=101.0, limit=10, lease_s=30) == []
+    # A window later the rate has room again, but three tasks are still on their way (in
+    # flight) and the account takes five at once: two more.
+    later = await stores[2].claim_jobs(now=170.0, limit=10, lease_s=30)
+    assert len(later) == 2
+
+
+async def test_governed_claims_go_by_priority_and_hold_a_key_to_its_cap(store: Store) -> None:
+    store.config = StoreConfig(governor=GOVERNED)
+    batch = [await store.create_run(PIPELINE, {}, now=100.0) for _ in range(3)]
+    keyed = [
+        await store.create_run(
+            PIPELINE, {}, now=100.0,
+            options=RunOptions(concurrency_key="acme", concurrency_limit=1),
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    urgent = await store.create_run(PIPELINE, {}, now=101.0, options=RunOptions(priority=9))
+    claimed = await store.claim_jobs(now=102.0, limit=10, lease_s=30)
+    # Room for three: the urgent run, though it came last, then the two oldest.
+    assert {j.run_id for j in claimed} == {urgent, batch[0], batch[1]}
+    store.config = StoreConfig(
+        governor=Governor({"wavespeed": AccountLimits(per_window=100, in_flight=100)})
+    )
+    rest = await store.claim_jobs(now=103.0, limit=10, lease_s=30)
+    assert {j.run_id for j in rest} == {batch[2], keyed[0]}  # acme's second waits its turn
