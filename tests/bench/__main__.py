@@ -2,7 +2,7 @@
 
 Writes tests/bench/RESULTS.md (committed) and tests/bench/results.json (raw numbers).
 Run one with `python -m tests.bench receiver` (or handoff, pipeline, mirror, events, scale,
-metrics, cache).
+metrics, cache, governor).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.bench import benches, cache, metrics_cost, pipeline, scale
+from tests.bench import benches, cache, governor, metrics_cost, pipeline, scale
 
 HERE = Path(__file__).parent
 ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
@@ -28,6 +28,7 @@ ALL: dict[str, Callable[[Path], dict[str, Any]]] = {
     "scale": scale.scale,
     "metrics": metrics_cost.metrics_cost,
     "cache": cache.cache,
+    "governor": governor.governor,
 }
 
 

@@ -886,4 +886,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         from tests.bench.cache import markdown as cache_markdown
 
         lines += cache_markdown(results["cache"])
+    if "governor" in results:
+        from tests.bench.governor import markdown as governor_markdown
+
+        lines += governor_markdown(results["governor"])
     return "\n".join(lines)

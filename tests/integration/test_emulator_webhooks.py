@@ -203,3 +203,31 @@ async def test_bad_webhook_url_is_rejected(emulator: Emulator, hook: str) -> Non
         f"{emulator.base_url}/api/v3/{T2V}", params={"webhook": hook}, json={"prompt": "x"}
     ) as resp:
         assert resp.status == 400 and "webhook" in (await resp.json())["message"]
+
+
+async def test_an_account_level_throttles_over_its_rate_and_queues_over_its_concurrency(
+    make_emulator: EmulatorFactory, receiver: Receiver
+) -> None:
+    """Over the rate (a fixed window) a submit is a 429 with Retry-After, as the real API
+    answers; over the concurrency, tasks wait in `created` and run one after another."""
+    window = 2.0
+    emulator = await make_emulator(
+        rate_limit=2, rate_window_s=window, max_concurrent=1, latency_s=0.3
+    )
+    # The emulator runs in this process: start right after one of its windows begins.
+    await asyncio.sleep(window - time.monotonic() % window + 0.05)
+    answers = []
+    for _ in range(3):
+        async with emulator.http.post(
+            f"{emulator.base_url}/api/v3/{T2V}",
+            params={"webhook": receiver.url},
+            json={"prompt": "a kite"},
+        ) as resp:
+            answers.append((resp.status, resp.headers.get("Retry-After")))
+    assert answers == [(200, None), (200, None), (429, "2")]
+    assert sorted(t["status"] for t in await emulator.tasks()) == ["created", "created"]
+    await receiver.wait_for(2)
+    counters = await emulator.counters()
+    assert counters["max_running"] == 1 and counters["submits_throttled"] == 1
+    await asyncio.sleep(window - time.monotonic() % window + 0.05)  # the next window
+    assert (await submit(emulator, receiver))["status"] == "created"

@@ -35,8 +35,8 @@ def test_a_429_halves_the_rate_for_a_while_down_to_a_floor() -> None:
 
 
 def test_the_counted_window_is_a_little_longer_than_the_provider_s() -> None:
-    assert AccountLimits(per_window=1, window_s=60).counted_window_s == 63.0
-    assert AccountLimits(per_window=1, window_s=2).counted_window_s == 3.0
+    assert AccountLimits(per_window=1, window_s=60).counted_window_s == 61.2
+    assert AccountLimits(per_window=1, window_s=2).counted_window_s == 2.5
 
 
 def test_admit_takes_in_order_and_skips_keys_at_their_cap() -> None:
