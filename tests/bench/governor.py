@@ -27,9 +27,7 @@ def governor(work: Path) -> dict[str, Any]:
     folder.mkdir(exist_ok=True)
     with _databases() as databases:
         database = asyncio.run(databases.create())
-        return governed_batch(
-            folder, database, runs=RUNS, per_window=PER_WINDOW, window_s=WINDOW_S
-        )
+        return governed_batch(folder, database, runs=RUNS, per_window=PER_WINDOW, window_s=WINDOW_S)
 
 
 def markdown(r: dict[str, Any]) -> list[str]:
