@@ -56,7 +56,7 @@ def governed_batch(
     ):  # fmt: skip
 
         def start(n: int, priority: str = "batch") -> str:
-            body = {"pipeline": PIPELINE, "priority": priority}
+            body: dict[str, Any] = {"pipeline": PIPELINE, "priority": priority}
             r = requests.post(f"{apis[n % 2]}/v1/runs", json=body, timeout=30)
             r.raise_for_status()
             run_id: str = r.json()["id"]
