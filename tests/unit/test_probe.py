@@ -44,7 +44,7 @@ def test_a_video_gives_its_size_and_duration(video: bytes, chunk: int, padding: 
 
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
 def test_a_truncated_video_is_named_truncated(video: bytes, keep: float) -> None:
-    with pytest.raises(ProbeError, match="MP4: (truncated|no complete moov)"):
+    with pytest.raises(ProbeError, match=r"MP4: (truncated|no complete moov)"):
         probe(video[: int(len(video) * keep)], 4096)
 
 
