@@ -156,8 +156,7 @@ class Probe:
         if self._next_box > size and self._next_box < (1 << 62):
             last = self._boxes[-1] if self._boxes else "?"
             raise ProbeError(
-                f"MP4: truncated: box '{last}' ends at byte {self._next_box}, "
-                f"the file at {size}"
+                f"MP4: truncated: box '{last}' ends at byte {self._next_box}, the file at {size}"
             )
         if self._keep is not None or self._moov is None:
             raise ProbeError(f"MP4: no complete moov box (boxes: {', '.join(self._boxes)})")
