@@ -87,6 +87,12 @@ class Faults:
     rng_seed: int | None = None
     #: Model ids whose tasks always fail (in addition to ``failure_rate``).
     fail_models: tuple[str, ...] = field(default=())
+    #: Model ids whose images and videos come back at half the size asked.
+    wrong_size_models: tuple[str, ...] = field(default=())
+    #: Model ids whose outputs are cut short (the first 60 % of their bytes).
+    truncate_models: tuple[str, ...] = field(default=())
+    #: Model ids whose outputs the provider flags (``has_nsfw_contents: [true]``).
+    nsfw_models: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         for name in _RATES:

@@ -54,6 +54,8 @@ class Task:
     #: Emulator-clock instants, for latency measurements (submit arrived, task ended).
     submitted_mono: float = field(default_factory=time.monotonic)
     finished_mono: float | None = None
+    #: Flagged as NSFW (a fault knob).
+    nsfw: bool = False
     #: What runs the task (cancelled by a delete).
     runner: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -63,7 +65,7 @@ class Task:
             "model": self.rules.model_id,
             "outputs": list(self.outputs) if self.status == "completed" else [],
             "urls": {"get": f"{self.origin}/api/v3/predictions/{self.id}/result"},
-            "has_nsfw_contents": [False] * len(self.outputs),
+            "has_nsfw_contents": [self.nsfw] * len(self.outputs),
             "status": self.status,
             "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
             "error": self.error,
@@ -299,8 +301,12 @@ class Provider:
             params.get("height"),
             hashlib.sha256(source or b"").digest(),
         )
+        model = rules.model_id
+        task.nsfw = model in self.faults.nsfw_models
+        half = 2 if model in self.faults.wrong_size_models else 1
         if rules.kind == "image":
             width, height = output_size(params, "1024*1024")
+            width, height = width // half, height // half
             fmt = params.get("output_format", "jpeg")
             data = await anyio.to_thread.run_sync(media.render_image, width, height, fmt, material)
             if params.get("enable_base64_output"):
@@ -308,6 +314,7 @@ class Provider:
             return [self._task_output(task, fmt, data)]
         if rules.kind == "video":
             width, height = output_size(params, "1280*720")
+            width, height = width // half // 2 * 2, height // half // 2 * 2  # H.264: even
             duration = int(params.get("duration", 5))
             data = await anyio.to_thread.run_sync(
                 media.render_video, width, height, duration, material, source
@@ -320,6 +327,8 @@ class Provider:
     def _task_output(
         self, task: Task, fmt: str, data: bytes, *, padded_to: int | None = None
     ) -> str:
+        if task.rules.model_id in self.faults.truncate_models:
+            data = data[: len(data) * 6 // 10]
         url = self.store_output(task.origin, f"{task.id}/0", fmt, data, padded_to=padded_to)
         task.paths.append(f"{task.id}/0.{media.EXTENSIONS[fmt]}")
         return url

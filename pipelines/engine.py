@@ -22,6 +22,7 @@ from pipelines import budget
 from pipelines.backoff import backoff_s
 from pipelines.cache import cache_key, wants_cache
 from pipelines.catalog import ModelSpec, get_model
+from pipelines.checks import FAILED, reseeded, verdict
 from pipelines.errors import (
     BudgetExceededError,
     ProviderError,
@@ -33,6 +34,7 @@ from pipelines.governor import Governor
 from pipelines.health import NO_REPORTS, Reporter
 from pipelines.metrics import (
     CACHE_LOOKUPS,
+    CHECKS,
     GOVERNOR_THROTTLED,
     HANDOFF_SECONDS,
     JOB_WAIT_SECONDS,
@@ -42,6 +44,7 @@ from pipelines.metrics import (
 )
 from pipelines.mirror import MirrorRejectedError, S3Mirror
 from pipelines.prices import NO_PRICES, PriceTable, estimate
+from pipelines.probe import MediaInfo, Probe, ProbeError
 from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
 from pipelines.spec import Pipeline, StageSpec, bind_inputs, render
 from pipelines.state import (
@@ -51,6 +54,7 @@ from pipelines.state import (
     Event,
     Mirrored,
     MirrorFailed,
+    OutputRejected,
     RetryRequested,
     StageState,
     StageStatus,
@@ -423,6 +427,8 @@ class Engine:
                 return "cached"
             upstream = {name: await self._inputs_from(s) for name, s in ctx.upstream.items()}
             body = render(spec, ctx.inputs, upstream, where=f"run {job.run_id}")
+            if stage.error.startswith(FAILED):  # the last output was refused: another seed
+                body, cache_key = reseeded(body, job.attempt - stage.base_attempt), None
         except SpecError as exc:
             await self._reject(job, str(exc))
             return "rejected"
@@ -622,13 +628,17 @@ class Engine:
             "task-id": stage.task_id or "",
         }
         uris: list[str] = []
+        gate = await self._gate(job)
+        probes: list[Probe | None] = []
         try:
             for n, output in enumerate(stage.outputs):
                 stem = self._mirror.key_stem(job.run_id, job.stage, n)
                 started = time.monotonic()
+                probe = Probe() if gate is not None else None
                 copied = await self._mirror.copy(
-                    output, stem=stem, metadata=metadata, first_try=job.tries == 1
+                    output, stem=stem, metadata=metadata, first_try=job.tries == 1, probe=probe
                 )
+                probes.append(None if copied.reused else probe)
                 if not copied.reused:
                     MIRROR_SECONDS.observe(time.monotonic() - started)
                     MIRROR_BYTES.inc(copied.size)
@@ -654,6 +664,14 @@ class Engine:
             await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
             log.warning("output.mirror_retrying", error=repr(exc), retry_in_s=delay)
             return "retrying"
+        if gate is not None and (problem := gate.judge(probes)):
+            rejected = OutputRejected(job.stage, job.attempt, problem)
+            await self.store.apply(job.run_id, rejected, now=self._clock(), finish_job=job.id)
+            CHECKS.labels("rejected").inc()
+            log.warning("stage.output_rejected", error=problem)
+            return "output_rejected"
+        if gate is not None:
+            CHECKS.labels("passed").inc()
         event = Mirrored(job.stage, job.attempt, tuple(uris))
         decision = await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
         if decision.changed and (ref := await self.store.task_of(job)) and ref.cache_key:
@@ -697,6 +715,17 @@ class Engine:
         log.info("task.deleted", task_id=ref.task_id, found=deleted)
         return "deleted" if deleted else "gone"
 
+    async def _gate(self, job: Job) -> Gate | None:
+        """The stage's quality checks on its outputs' bytes (None when it has none)."""
+        ctx = await self.store.submit_context(job)
+        spec = ctx.pipeline.stages[job.stage]
+        checks = spec.checks - {"nsfw"}  # judged on the callback, by the state machine
+        model = get_model(spec.model)
+        if not checks or model is None:
+            return None
+        params = render(spec, ctx.inputs, {}, where=f"run {job.run_id}", placeholders=True)
+        return Gate(model, params, checks)
+
     async def _reject(self, job: Job, error: str) -> None:
         event = SubmitRejected(job.stage, job.attempt, error)
         await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
@@ -716,10 +745,34 @@ def _deadline_at(
     return None if seconds is None else now + seconds
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A stage's quality checks, with what was asked of it."""
+
+    model: ModelSpec
+    params: Mapping[str, Any]
+    checks: frozenset[str]
+
+    def judge(self, probes: Sequence[Probe | None]) -> str | None:
+        """Why the probed outputs fail a check, or None."""
+        infos: list[MediaInfo | None] = []
+        for n, probe in enumerate(probes):
+            if probe is None:
+                infos.append(None)  # an earlier try's copy, reused: not read again
+                continue
+            try:
+                infos.append(probe.finish())
+            except ProbeError as exc:
+                if "media" in self.checks:
+                    return f"{FAILED}: outputs[{n}]: {exc}"
+                infos.append(None)
+        return verdict(self.model, self.params, infos, self.checks)
+
+
 def result_event(stage: str, attempt: int, prediction: Prediction) -> Event:
     """The state-machine event a provider's prediction stands for."""
     if prediction.completed:
-        return TaskSucceeded(stage, attempt, prediction.id, prediction.outputs)
+        return TaskSucceeded(stage, attempt, prediction.id, prediction.outputs, prediction.nsfw)
     if prediction.failed:
         error = prediction.error or f"task {prediction.status}"
         return TaskFailed(stage, attempt, prediction.id, error, retryable=prediction.retryable)

@@ -41,6 +41,11 @@ CACHE_LOOKUPS = Counter(
     "were deleted), or uncacheable (no fixed seed, or an upstream without a digest).",
     ["result"],
 )
+CHECKS = Counter(
+    "wavechain_output_checks",
+    "Stages whose outputs were checked against the request, by result (passed, rejected).",
+    ["result"],
+)
 GOVERNOR_THROTTLED = Counter(
     "wavechain_governor_throttled",
     "429s received despite the governor: each lowers the provider's rate for a window.",

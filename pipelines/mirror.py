@@ -35,6 +35,7 @@ import hashlib
 import ipaddress
 import mimetypes
 import socket
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +52,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from botocore.exceptions import ClientError
 
 from pipelines.errors import WavechainError
+from pipelines.probe import Probe
 
 T = TypeVar("T")
 PART_SIZE: Final = 8 * 1024 * 1024
@@ -187,18 +189,26 @@ class S3Mirror:
         return f"{self.config.prefix}runs/{run_id}/{stage}/{n}"
 
     async def copy(
-        self, source: str, *, stem: str, metadata: Mapping[str, str], first_try: bool = False
+        self,
+        source: str,
+        *,
+        stem: str,
+        metadata: Mapping[str, str],
+        first_try: bool = False,
+        probe: Probe | None = None,
     ) -> MirroredObject:
         """Mirror one output (a URL, or inline base64) to ``{stem}.{ext}``.
 
         ``first_try``: no earlier try of this copy can have stored anything, so the lookup
         of an object already there is skipped (one S3 request less per output).
+        ``probe``: fed every byte on the way (decompressed, if the source compressed
+        them), for the quality checks; not fed when an earlier try's copy is reused.
         """
         if not first_try and (existing := await self._existing(stem, metadata.get("task-id", ""))):
             return existing
         if not source.startswith(("http://", "https://")):
-            return await self._copy_inline(source, stem=stem, metadata=metadata)
-        return await self._copy_url(source, stem=stem, metadata=metadata)
+            return await self._copy_inline(source, stem=stem, metadata=metadata, probe=probe)
+        return await self._copy_url(source, stem=stem, metadata=metadata, probe=probe)
 
     async def _existing(self, stem: str, task_id: str) -> MirroredObject | None:
         """The object a previous run of this job finished, if any (idempotency)."""
@@ -222,7 +232,7 @@ class S3Mirror:
         return None
 
     async def _copy_inline(
-        self, source: str, *, stem: str, metadata: Mapping[str, str]
+        self, source: str, *, stem: str, metadata: Mapping[str, str], probe: Probe | None
     ) -> MirroredObject:
         header, _, payload = (
             source.partition(",") if source.startswith("data:") else ("", "", source)
@@ -236,6 +246,8 @@ class S3Mirror:
         content_type = header[5:].split(";")[0] if header else _sniff(data)
         key = f"{stem}.{EXTENSIONS.get(content_type, 'bin')}"
         digest = hashlib.sha256(data).hexdigest()
+        if probe is not None:
+            probe.feed(data)
         await self._on_bucket(
             self._s3.put_object,
             Key=key,
@@ -285,7 +297,7 @@ class S3Mirror:
         raise MirrorRejectedError(f"more than {_MAX_REDIRECTS} redirects")
 
     async def _copy_url(
-        self, url: str, *, stem: str, metadata: Mapping[str, str]
+        self, url: str, *, stem: str, metadata: Mapping[str, str], probe: Probe | None
     ) -> MirroredObject:
         resp = await self._open(url)
         try:
@@ -305,10 +317,11 @@ class S3Mirror:
             content = {"ContentType": content_type}
             if encoding := resp.headers.get("Content-Encoding", "").strip():
                 content["ContentEncoding"] = encoding
+            feed = _feeder(probe, encoding)
             length = resp.content_length
             if length is not None and self.config.part_size <= length <= self.config.single_put_max:
-                return await self._stream_put(resp, key, length, content, metadata)
-            return await self._stream(resp, key, content, metadata)
+                return await self._stream_put(resp, key, length, content, metadata, feed)
+            return await self._stream(resp, key, content, metadata, feed)
         finally:
             resp.release()
 
@@ -318,6 +331,7 @@ class S3Mirror:
         key: str,
         content: Mapping[str, str],
         metadata: Mapping[str, str],
+        feed: Callable[[bytes], None],
     ) -> MirroredObject:
         bucket, part_size = self.config.bucket, self.config.part_size
         digest = hashlib.sha256()
@@ -333,6 +347,7 @@ class S3Mirror:
                         f"output exceeds the {self.config.max_bytes} byte cap"
                     )
                 digest.update(chunk)
+                feed(chunk)
                 buffer += chunk
                 if len(buffer) >= part_size:
                     if upload_id is None:
@@ -380,6 +395,7 @@ class S3Mirror:
         length: int,
         content: Mapping[str, str],
         metadata: Mapping[str, str],
+        feed: Callable[[bytes], None],
     ) -> MirroredObject:
         """Pipe the download into one PutObject: a task feeds chunks, a thread sends them
         (and hashes them, off the event loop, which reads the download meanwhile)."""
@@ -396,6 +412,7 @@ class S3Mirror:
                             raise MirrorSourceError(
                                 f"output sent more than its {length} declared bytes"
                             )
+                        feed(chunk)
                         await send.send(chunk)
                 except Exception as exc:  # re-raised below, once the upload has stopped
                     failed.append(exc)
@@ -558,6 +575,25 @@ class _PipeReader:
         out, self._view = self._view[:take], self._view[take:]
         self._read += len(out)
         return bytes(out)
+
+
+def _feeder(probe: Probe | None, encoding: str) -> Callable[[bytes], None]:
+    """What each downloaded chunk is passed to for the probe: nothing without one; through
+    a decompressor for a gzip-encoded download (the probe reads the content)."""
+    if probe is None:
+        return lambda chunk: None
+    if encoding.lower() != "gzip":
+        return probe.feed
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(chunk: bytes) -> None:
+        # Bounded output per call: a small compressed chunk cannot inflate without limit.
+        data = inflate.decompress(chunk, _READ)
+        while data:
+            probe.feed(data)
+            data = inflate.decompress(inflate.unconsumed_tail, _READ)
+
+    return feed
 
 
 def _missing(exc: ClientError) -> bool:

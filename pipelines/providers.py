@@ -81,6 +81,8 @@ class Prediction(NamedTuple):
     status: str
     outputs: tuple[str, ...]
     error: str
+    #: The provider flagged an output (``has_nsfw_contents``: one boolean per output).
+    nsfw: bool = False
 
     @property
     def completed(self) -> bool:
@@ -119,7 +121,9 @@ def parse_prediction(data: Any) -> Prediction:
         error = str(error)
     if status == "completed" and not outputs:
         raise ValueError("a completed prediction must have outputs")
-    return Prediction(task_id, status, tuple(outputs), error[:2000])
+    flags = data.get("has_nsfw_contents")
+    nsfw = type(flags) is list and any(flag is True for flag in flags)
+    return Prediction(task_id, status, tuple(outputs), error[:2000], nsfw)
 
 
 def _key(access: ProviderAccess) -> Secret:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipelines.catalog import ModelSpec, ParamSpec, check_value, get_model
+from pipelines.checks import ALL_CHECKS, parse_checks
 from pipelines.errors import PipelineTooLargeError, SpecError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
@@ -60,6 +61,8 @@ class StageSpec:
     timeout_s: float | None = None
     #: Serve from the result cache (pipelines/cache.py); None: the global RESULT_CACHE.
     cache: bool | None = None
+    #: The quality gates its outputs must pass (pipelines/checks.py): all by default.
+    checks: frozenset[str] = ALL_CHECKS
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,10 +338,19 @@ def _parse_stage(
         retry=_parse_retry(raw.get("retry"), name, problems),
         timeout_s=_parse_timeout(raw.get("timeout"), name, problems),
         cache=_parse_cache(raw.get("cache"), name, problems),
+        checks=_parse_checks(raw.get("checks"), name, problems),
     )
 
 
-_STAGE_KEYS = ("model", "input", "needs", "retry", "timeout", "cache")
+_STAGE_KEYS = ("model", "input", "needs", "retry", "timeout", "cache", "checks")
+
+
+def _parse_checks(raw: Any, stage: str, problems: _Problems) -> frozenset[str]:
+    try:
+        return parse_checks(raw)
+    except ValueError as exc:
+        problems.add(stage, "checks", str(exc))
+        return ALL_CHECKS
 
 
 def _parse_cache(raw: Any, stage: str, problems: _Problems) -> bool | None:

@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from pipelines.backoff import backoff_s
+from pipelines.checks import FAILED
 from pipelines.errors import InvalidTransitionError
 from pipelines.spec import Pipeline
 
@@ -148,6 +149,8 @@ class TaskSucceeded:
     attempt: int
     task_id: str
     outputs: tuple[str, ...]
+    #: The provider flagged an output (``has_nsfw_contents``).
+    nsfw: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +185,16 @@ class MirrorFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputRejected:
+    """A quality check refused the stage's outputs (wrong size, cut short, ...): the
+    stage's retry policy decides whether to ask again."""
+
+    stage: str
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class CacheHit:
     """An earlier run's outputs for the same input, copied for this stage: it succeeds
     without a provider call."""
@@ -200,6 +213,7 @@ StageEvent = (
     | TaskFailed
     | Mirrored
     | MirrorFailed
+    | OutputRejected
     | CacheHit
 )
 Event = Start | CancelRequested | RetryRequested | StageEvent
@@ -340,6 +354,10 @@ def _stage_event(pipeline: Pipeline, state: RunState, event: StageEvent, now: fl
         return _unchanged(state)
     if isinstance(event, Mirrored | MirrorFailed):
         return _mirror_event(pipeline, state, current, event)
+    if isinstance(event, OutputRejected):
+        if not current.awaiting_mirror:
+            return _unchanged(state)
+        return _retry_or_fail(pipeline, state, current, event.stage, event.error, now)
     if isinstance(event, CacheHit):
         if current.status is not StageStatus.PENDING or current.awaiting_mirror:
             return _unchanged(state)
@@ -378,6 +396,9 @@ def _task_event(
         stage = dataclasses.replace(current, status=StageStatus.PROCESSING, task_id=event.task_id)
         return _with_stage(state, event.stage, stage, ())
     if isinstance(event, TaskSucceeded):
+        if event.nsfw and "nsfw" in pipeline.stages[event.stage].checks:
+            error = f"{FAILED}: the provider flagged an output as NSFW (has_nsfw_contents)"
+            return _retry_or_fail(pipeline, state, current, event.stage, error, now)
         done = dataclasses.replace(
             current, status=StageStatus.PROCESSING, task_id=event.task_id, outputs=event.outputs
         )
@@ -398,6 +419,24 @@ def _task_event(
         decision = _failed(state, event.stage, current, event.error, event.task_id)
         return dataclasses.replace(decision, commands=(*decision.commands, *stop))
     return _failed(state, event.stage, current, event.error, current.task_id)
+
+
+def _retry_or_fail(
+    pipeline: Pipeline, state: RunState, current: StageState, name: str, error: str, now: float
+) -> Decision:
+    """What came back was refused: another attempt if the retry policy has one left, else
+    the stage fails (nothing downstream is bought either way)."""
+    policy = pipeline.stages[name].retry
+    used = current.attempt - current.base_attempt
+    if used < policy.attempts:
+        retry = StageState(
+            attempt=current.attempt + 1, base_attempt=current.base_attempt, error=error
+        )
+        submit = Submit(
+            name, retry.attempt, not_before=now + backoff_s(used, base=policy.backoff_s)
+        )
+        return _with_stage(state, name, retry, (submit,))
+    return _failed(state, name, current, error, current.task_id)
 
 
 def _with_stage(

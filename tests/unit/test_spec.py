@@ -290,3 +290,17 @@ def test_a_bad_deadline_or_budget_is_named(key: str, value: Any, rule: str) -> N
     stages = {"a": {"model": IMG, "input": {"prompt": "p"}}}
     with pytest.raises(SpecError, match=rule.replace("(", r"\(").replace(")", r"\)")):
         specs.parse({"stages": stages, key: value}, where="t")
+
+
+def test_a_stage_s_checks_are_all_by_default_off_or_a_list() -> None:
+    def checks(value: Any) -> frozenset[str]:
+        doc = {"stages": {"a": {"model": IMG, "input": {"prompt": "p"}, "checks": value}}}
+        return specs.parse(doc, where="t").stages["a"].checks
+
+    assert (
+        checks(None) == checks("on") == frozenset({"media", "size", "format", "duration", "nsfw"})
+    )
+    assert checks("off") == checks(False) == frozenset()
+    assert checks(["size", "nsfw"]) == frozenset({"size", "nsfw"})
+    with pytest.raises(SpecError, match="stage 'a': checks: must be on, off, or a list of"):
+        checks(["colour"])
