@@ -42,9 +42,10 @@ from pipelines.metrics import (
     MIRROR_BYTES,
     MIRROR_SECONDS,
 )
-from pipelines.mirror import MirrorRejectedError, S3Mirror
+from pipelines.mirror import MirroredObject, MirrorRejectedError, S3Mirror
 from pipelines.prices import NO_PRICES, PriceTable, estimate
 from pipelines.probe import MediaInfo, Probe, ProbeError
+from pipelines.provenance import manifest, manifest_uri, media_inputs
 from pipelines.providers import AimlClient, Prediction, ProviderAccess, WaveSpeedClient
 from pipelines.spec import Pipeline, StageSpec, bind_inputs, render
 from pipelines.state import (
@@ -64,7 +65,7 @@ from pipelines.state import (
     TaskProcessing,
     TaskSucceeded,
 )
-from pipelines.store import Job, Store, SubmitContext, WebhookOutcome
+from pipelines.store import Job, StageContext, Store, SubmitContext, WebhookOutcome
 from pipelines.store.records import CacheEntry, Charge, Idempotency, RunOptions
 
 log = structlog.get_logger("wavechain.engine")
@@ -534,6 +535,12 @@ class Engine:
                 await self.store.forget_result(key)
                 return False
             uris.append(copied.uri)
+            earlier = await self._mirror.get_json(manifest_uri(uri))
+            if earlier is not None:  # the copy's provenance: the original's, and where from
+                output = {**earlier.get("output", {}), "uri": copied.uri}
+                copy = {**earlier, "output": output, "run_id": job.run_id, "stage": job.stage,
+                        "attempt": job.attempt, "cached_from": uri, "cost_usd": 0.0}  # fmt: skip
+                await self._mirror.put_json(manifest_uri(copied.uri), copy)
         event = CacheHit(job.stage, job.attempt, entry.outputs, tuple(uris))
         decision = await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
         CACHE_LOOKUPS.labels("hit").inc()
@@ -628,8 +635,10 @@ class Engine:
             "task-id": stage.task_id or "",
         }
         uris: list[str] = []
-        gate = await self._gate(job)
+        ctx = await self.store.submit_context(job)
+        gate = self._gate(job, ctx)
         probes: list[Probe | None] = []
+        copies: list[MirroredObject] = []
         try:
             for n, output in enumerate(stage.outputs):
                 stem = self._mirror.key_stem(job.run_id, job.stage, n)
@@ -639,6 +648,7 @@ class Engine:
                     output, stem=stem, metadata=metadata, first_try=job.tries == 1, probe=probe
                 )
                 probes.append(None if copied.reused else probe)
+                copies.append(copied)
                 if not copied.reused:
                     MIRROR_SECONDS.observe(time.monotonic() - started)
                     MIRROR_BYTES.inc(copied.size)
@@ -672,6 +682,13 @@ class Engine:
             return "output_rejected"
         if gate is not None:
             CHECKS.labels("passed").inc()
+        try:
+            await self._write_manifests(job, ctx, current, copies)
+        except Exception as exc:  # S3: transient, as a copy's failure is
+            delay = self._backoff(job.tries)
+            await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
+            log.warning("output.manifest_retrying", error=repr(exc), retry_in_s=delay)
+            return "retrying"
         event = Mirrored(job.stage, job.attempt, tuple(uris))
         decision = await self.store.apply(job.run_id, event, now=self._clock(), finish_job=job.id)
         if decision.changed and (ref := await self.store.task_of(job)) and ref.cache_key:
@@ -715,9 +732,54 @@ class Engine:
         log.info("task.deleted", task_id=ref.task_id, found=deleted)
         return "deleted" if deleted else "gone"
 
-    async def _gate(self, job: Job) -> Gate | None:
+    async def _write_manifests(
+        self,
+        job: Job,
+        ctx: SubmitContext,
+        current: StageContext,
+        copies: Sequence[MirroredObject],
+    ) -> None:
+        """Beside each output, its provenance (pipelines/provenance.py)."""
+        assert self._mirror is not None  # noqa: S101 - only called while mirroring
+        spec = ctx.pipeline.stages[job.stage]
+        model = get_model(spec.model)
+        upstream = {n: list(s.mirrored or s.outputs) for n, s in ctx.upstream.items()}
+        # Rendered with stand-in URLs (a parameter takes http(s) URLs), then each stand-in
+        # replaced by the S3 copy it stands for: the input as sent, named durably.
+        stand_ins = {f"https://upstream.invalid/{n}/{i}": uri
+                     for n, uris in upstream.items() for i, uri in enumerate(uris)}  # fmt: skip
+        by_uri = {uri: url for url, uri in stand_ins.items()}
+        rendered = render(
+            spec, ctx.inputs, {n: [by_uri[u] for u in uris] for n, uris in upstream.items()},
+            where=f"run {job.run_id}",
+        )  # fmt: skip
+        params = {k: stand_ins.get(v, v) if isinstance(v, str) else v for k, v in rendered.items()}
+        if current.stage.error.startswith(FAILED):
+            params = reseeded(params, job.attempt - current.stage.base_attempt)
+        digests = {
+            uri: digest
+            for uris in upstream.values()
+            for uri in uris
+            if uri.startswith("s3://") and (digest := await self._mirror.digest(uri))
+        }
+        view = await self.store.get_run(job.run_id)
+        stage_view = next((s for s in view.stages if s.name == job.stage), None) if view else None
+        for copied in copies:
+            doc = manifest(
+                output={"uri": copied.uri, "sha256": copied.sha256, "size": copied.size,
+                        "content_type": copied.content_type},
+                run_id=job.run_id, pipeline=ctx.pipeline, stage=job.stage, attempt=job.attempt,
+                model=spec.model, provider=model.provider if model else "unknown",
+                task_id=current.stage.task_id, params=params,
+                inputs=media_inputs(params, upstream, digests),
+                submitted_at=stage_view.submitted_at if stage_view else None,
+                completed_at=self._clock(),
+                cost_usd=stage_view.spent.usd if stage_view else None,
+            )  # fmt: skip
+            await self._mirror.put_json(manifest_uri(copied.uri), doc)
+
+    def _gate(self, job: Job, ctx: SubmitContext) -> Gate | None:
         """The stage's quality checks on its outputs' bytes (None when it has none)."""
-        ctx = await self.store.submit_context(job)
         spec = ctx.pipeline.stages[job.stage]
         checks = spec.checks - {"nsfw"}  # judged on the callback, by the state machine
         model = get_model(spec.model)

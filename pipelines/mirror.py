@@ -33,6 +33,7 @@ import contextlib
 import fnmatch
 import hashlib
 import ipaddress
+import json
 import mimetypes
 import socket
 import zlib
@@ -517,6 +518,31 @@ class S3Mirror:
         return MirroredObject(
             f"s3://{self.config.bucket}/{target}", target, size, sha, content_type
         )
+
+    async def put_json(self, uri: str, doc: Mapping[str, Any]) -> None:
+        """Write a small JSON document (a manifest) at an s3:// URI of this bucket."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        body = json.dumps(doc, indent=1, sort_keys=True).encode()
+        await self._call(
+            self._s3.put_object,
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType="application/json",
+        )
+
+    async def get_json(self, uri: str) -> dict[str, Any] | None:
+        """A small JSON document at an s3:// URI, or None if there is none."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            answer = await self._call(self._s3.get_object, Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+        data = await anyio.to_thread.run_sync(answer["Body"].read)
+        doc = json.loads(data)
+        return doc if isinstance(doc, dict) else None
 
     async def presign(self, uri: str, *, expires_s: int) -> str:
         bucket, _, key = uri.removeprefix("s3://").partition("/")

@@ -21,6 +21,7 @@ from aiohttp import web
 from pipelines import spec as specs
 from pipelines.errors import ConfigError, SpecError
 from pipelines.prices import PriceTable, estimate, load_prices
+from pipelines.provenance import describe, lineage
 from pipelines.providers import is_loopback
 from pipelines.state import RunStatus
 from pipelines.store import parse_database_url
@@ -289,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_inputs(p)
 
+    p = sub.add_parser(
+        "lineage",
+        help="walk back from an output in S3 to the prompt that started it",
+        description="Reads the provenance manifest beside an output (KEY.json) and those of "
+        "the input media it was made from, down to stages made from a prompt. Reads S3 with "
+        "the server's AWS settings (AWS_ENDPOINT_URL and credentials).",
+    )
+    p.add_argument("uri", help="an output's s3://BUCKET/KEY (from wavechain status)")
+    p.add_argument("--json", action="store_true", help="print the lineage as JSON")
+
     p = sub.add_parser("events", help="watch lifecycle events on the SNS topic")
     events = p.add_subparsers(dest="events_command", required=True, metavar="SUBCOMMAND")
     p = events.add_parser(
@@ -458,6 +469,28 @@ def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _lineage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if not args.uri.startswith("s3://") or "/" not in args.uri.removeprefix("s3://"):
+        raise SpecError(f"uri: must be s3://BUCKET/KEY, got {args.uri[:100]!r}")
+    s3 = make_clients(Settings.from_env(env)).s3
+
+    def read(uri: str) -> dict[str, Any] | None:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        try:
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            return None
+        doc = json.loads(body)
+        return doc if isinstance(doc, dict) else None
+
+    found = lineage(args.uri, read)
+    if args.json:
+        dump(found, sys.stdout)
+    else:
+        print("\n".join(describe(found)))
+    return 0 if "missing" not in found else 1
+
+
 def _events_tail(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = Settings.from_env(env)
     topic = args.topic_arn or settings.sns_topic_arn
@@ -496,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, env, sys.argv[1:] if argv is None else argv)
         if args.command == "events":
             return _events_tail(args, env)
+        if args.command == "lineage":
+            return _lineage(args, env)
         if args.command == "demo":
             try:
                 result = asyncio.run(
