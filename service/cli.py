@@ -225,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="USD",
         help="what the run may spend (overrides the pipeline's budget_usd)",
     )
+    p.add_argument(
+        "--priority",
+        help="batch, normal (default) or interactive (or 0..9): the order submits go in "
+        "while the provider governor makes them wait",
+    )
+    p.add_argument(
+        "--concurrency-key",
+        metavar="KEY",
+        help="runs sharing this key (a customer id) share --concurrency-limit",
+    )
+    p.add_argument(
+        "--concurrency-limit",
+        type=int,
+        metavar="N",
+        help="at most N tasks of runs with --concurrency-key at the provider at once",
+    )
 
     p = sub.add_parser(
         "spend",
@@ -378,6 +394,25 @@ async def _show(
     return 0 if run["status"] in ("succeeded", "running") else 1
 
 
+def _number_or_text(value: str | None) -> str | int | float | None:
+    """A flag's value as the API takes it: numbers as numbers (seconds, a priority)."""
+    if value is None or not value.replace(".", "", 1).isdigit():
+        return value
+    return int(value) if value.isdigit() else float(value)
+
+
+async def _start_run(client: ApiClient, args: argparse.Namespace) -> dict[str, Any]:
+    deadline, priority = _number_or_text(args.deadline), _number_or_text(args.priority)
+    return await client.create_run(
+        _pipeline_arg(args.pipeline),
+        dict(args.set),
+        deadline=deadline,
+        budget_usd=args.budget_usd,
+        priority=priority if not isinstance(priority, float) else args.priority,
+        concurrency=(args.concurrency_key, args.concurrency_limit),
+    )
+
+
 async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     base = args.server or env.get("WAVECHAIN_URL") or "http://127.0.0.1:8000"
     token = env.get("WAVECHAIN_API_TOKEN")
@@ -385,15 +420,7 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
     async with aiohttp.ClientSession(headers=headers) as session:
         client = ApiClient(session, base)
         if args.command == "run":
-            deadline = args.deadline
-            if deadline is not None and deadline.replace(".", "", 1).isdigit():
-                deadline = float(deadline)
-            run = await client.create_run(
-                _pipeline_arg(args.pipeline),
-                dict(args.set),
-                deadline=deadline,
-                budget_usd=args.budget_usd,
-            )
+            run = await _start_run(client, args)
             if args.wait and not args.json:
                 print(f"run {run['id']}: {run['pipeline']}")
             return await _show(client, run, args, wait=args.wait)

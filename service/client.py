@@ -45,12 +45,18 @@ class ApiClient:
         *,
         deadline: float | str | None = None,
         budget_usd: float | None = None,
+        priority: str | int | None = None,
+        concurrency: tuple[str | None, int | None] = (None, None),
     ) -> dict[str, Any]:
         body = {"pipeline": pipeline, "inputs": inputs}
-        if deadline is not None:
-            body["deadline"] = deadline
-        if budget_usd is not None:
-            body["budget_usd"] = budget_usd
+        optional = {
+            "deadline": deadline,
+            "budget_usd": budget_usd,
+            "priority": priority,
+            "concurrency_key": concurrency[0],
+            "concurrency_limit": concurrency[1],
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
         result: dict[str, Any] = await self._call("POST", "/v1/runs", body)
         return result
 

@@ -71,6 +71,9 @@ class RunView:
     stages: list[StageView]
     deadline_at: float | None = None
     budget_usd: float | None = None
+    priority: int = 5
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
 
     @property
     def spent(self) -> Spent:
@@ -91,6 +94,9 @@ class RunView:
             "budget_usd": self.budget_usd,
             "cost_usd": spent.usd,
             "cost_known_usd": round(spent.known_usd, 6),
+            "priority": self.priority,
+            "concurrency_key": self.concurrency_key,
+            "concurrency_limit": self.concurrency_limit,
             "stages": [s.as_json() for s in self.stages],
         }
 

@@ -1,5 +1,6 @@
 """Rows to records. Both backends select the same columns in the same order: a run as
-(id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd), a stage as
+(id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd, priority,
+concurrency_key, concurrency_limit), a stage as
 (name, model, status, attempt, task_id, outputs, mirrored, error, submitted_at, finished_at,
 needs, cached, known cost, attempts of unknown cost), a due stage as
 (run_id, name, attempt, task_id, status, hard_deadline, model), a parked event as (seq,
@@ -43,7 +44,10 @@ def stage_view(row: Any) -> StageView:
 
 
 def run_view(row: Any, stages: list[StageView]) -> RunView:
-    run_id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd = row
+    (
+        run_id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd,
+        priority, key, limit,
+    ) = row  # fmt: skip
     return RunView(
         id=run_id,
         pipeline=pipeline,
@@ -54,6 +58,9 @@ def run_view(row: Any, stages: list[StageView]) -> RunView:
         stages=stages,
         deadline_at=deadline_at,
         budget_usd=budget_usd,
+        priority=priority,
+        concurrency_key=key,
+        concurrency_limit=limit,
     )
 
 
@@ -126,7 +133,10 @@ STAGE_SPEND = (
     "WHERE p.run_id = stages.run_id AND p.stage = stages.name)"
 )
 #: A run's columns, as ``run_view`` reads them.
-RUN_COLUMNS = "id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd"
+RUN_COLUMNS = (
+    "id, pipeline, status, inputs, created_at, updated_at, deadline_at, budget_usd, priority, "
+    "concurrency_key, concurrency_limit"
+)
 
 
 # The provider governor's counts (pipelines/governor.py), the same SQL on both backends

@@ -330,11 +330,13 @@ def test_run_takes_a_deadline_and_a_budget_and_spend_reports(stack: str) -> None
     """`run --deadline --budget-usd`: the run carries both; a budget the shipped price
     table cannot check (image and 3D prices unknown) is refused, naming why; `spend`
     reports what was spent (i2v's published $0.40 per run so far, at least)."""
-    proc = cli("run", "image_video_3d", "--deadline", "600", "--wait", "--json",
+    proc = cli("run", "image_video_3d", "--deadline", "600", "--priority", "interactive",
+               "--concurrency-key", "acme", "--concurrency-limit", "2", "--wait", "--json",
                "--server", stack)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     run = json.loads(proc.stdout)
     assert run["deadline_at"] is not None and run["budget_usd"] is None
+    assert (run["priority"], run["concurrency_key"], run["concurrency_limit"]) == (9, "acme", 2)
     assert run["cost_usd"] is None and run["cost_known_usd"] == 0.4  # image, 3D unknown
     refused = cli("run", "image_video_3d", "--budget-usd", "5", "--server", stack)
     assert refused.returncode == 2 and "no known price" in refused.stderr, refused.stderr
