@@ -635,15 +635,15 @@ class Engine:
             "task-id": stage.task_id or "",
         }
         uris: list[str] = []
-        ctx = await self.store.submit_context(job)
-        gate = self._gate(job, ctx)
+        # The copies first (a provider's output may not live long), each probed on the way
+        # (a probe holds headers only); what the stage asked for is read afterwards.
         probes: list[Probe | None] = []
         copies: list[MirroredObject] = []
         try:
             for n, output in enumerate(stage.outputs):
                 stem = self._mirror.key_stem(job.run_id, job.stage, n)
                 started = time.monotonic()
-                probe = Probe() if gate is not None else None
+                probe = Probe()
                 copied = await self._mirror.copy(
                     output, stem=stem, metadata=metadata, first_try=job.tries == 1, probe=probe
                 )
@@ -674,6 +674,8 @@ class Engine:
             await self.store.retry_job(job, at=self._clock() + delay, error=repr(exc))
             log.warning("output.mirror_retrying", error=repr(exc), retry_in_s=delay)
             return "retrying"
+        ctx = await self.store.submit_context(job)
+        gate = self._gate(job, ctx)
         if gate is not None and (problem := gate.judge(probes)):
             rejected = OutputRejected(job.stage, job.attempt, problem)
             await self.store.apply(job.run_id, rejected, now=self._clock(), finish_job=job.id)

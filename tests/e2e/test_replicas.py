@@ -145,8 +145,10 @@ def test_three_replicas_behind_nginx_survive_a_kill_and_a_rolling_restart(
         # it left: that attempt timed out and the stage retried), none bought twice.
         by_webhook = Counter(t["webhook"] for t in tasks)
         assert len(tasks) <= attempts and set(by_webhook.values()) == {1}
-        objects = aws.objects()
+        everything = aws.objects()
+        objects = {k: o for k, o in everything.items() if not k.endswith(".json")}
         assert len(objects) == 3 * RUNS
+        assert set(everything) - set(objects) == {f"{k}.json" for k in objects}  # provenance
         assert {o["Metadata"]["task-id"] for o in objects.values()} == {
             s["task_id"] for r in runs for s in r["stages"]
         }

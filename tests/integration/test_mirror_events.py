@@ -62,7 +62,8 @@ async def test_outputs_land_in_s3_with_type_and_metadata(
         f"media/runs/{run['id']}/video/0.mp4": "video/mp4",
         f"media/runs/{run['id']}/mesh/0.glb": "model/gltf-binary",
     }
-    assert {k: v["ContentType"] for k, v in objects.items()} == expected
+    manifests = {f"{key}.json": "application/json" for key in expected}  # provenance
+    assert {k: v["ContentType"] for k, v in objects.items()} == expected | manifests
     stages = stages_of(run)
     for name, stage in stages.items():
         (uri,) = stage["outputs"]
@@ -333,7 +334,8 @@ async def test_s3_outage_during_mirror_is_retried(
     flaky_aws.restore()
     run = await wc.wait(run_id, limit_s=30)
     assert run["status"] == "succeeded"
-    assert list(aws.objects()) == [f"media/runs/{run_id}/clip/0.mp4"]
+    key = f"media/runs/{run_id}/clip/0.mp4"
+    assert list(aws.objects()) == [key, f"{key}.json"]
 
 
 async def test_sns_outage_keeps_events_until_it_returns(
@@ -431,7 +433,8 @@ async def test_compressed_outputs_are_stored_as_served_and_counted(
     spec = {"stages": {"clip": {"model": T2V, "input": {"prompt": "x"}}}}
     run = await wc.wait((await wc.create_run(spec))["id"], limit_s=60)
     assert run["status"] == "succeeded", run
-    (key,) = aws.objects()
+    key, manifest = aws.objects()
+    assert manifest == f"{key}.json"
     head = aws.objects()[key]
     assert head["ContentEncoding"] == "gzip" and head["ContentType"] == "video/mp4"
     stored = aws.s3.get_object(Bucket=aws.bucket, Key=key)["Body"].read()
