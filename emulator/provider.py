@@ -74,6 +74,9 @@ class Task:
         }
         if with_input:
             data["input"] = self.params
+            if self.params.get("seed", -1) == -1 and "seed" in self.rules.params:
+                # A real provider picks a seed for -1 and reports the one it used.
+                data["input"] = {**self.params, "seed": int(self.id[:8], 16) % 2_147_483_647}
         return data
 
 

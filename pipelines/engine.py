@@ -777,6 +777,7 @@ class Engine:
                 submitted_at=stage_view.submitted_at if stage_view else None,
                 completed_at=self._clock(),
                 cost_usd=stage_view.spent.usd if stage_view else None,
+                reported_seed=current.stage.seed,
             )  # fmt: skip
             await self._mirror.put_json(manifest_uri(copied.uri), doc)
 
@@ -836,7 +837,9 @@ class Gate:
 def result_event(stage: str, attempt: int, prediction: Prediction) -> Event:
     """The state-machine event a provider's prediction stands for."""
     if prediction.completed:
-        return TaskSucceeded(stage, attempt, prediction.id, prediction.outputs, prediction.nsfw)
+        return TaskSucceeded(
+            stage, attempt, prediction.id, prediction.outputs, prediction.nsfw, prediction.seed
+        )
     if prediction.failed:
         error = prediction.error or f"task {prediction.status}"
         return TaskFailed(stage, attempt, prediction.id, error, retryable=prediction.retryable)

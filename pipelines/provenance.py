@@ -72,6 +72,7 @@ def manifest(
     submitted_at: float | None,
     completed_at: float,
     cost_usd: float | None,
+    reported_seed: int | None = None,
     cached_from: str | None = None,
 ) -> dict[str, Any]:
     return {
@@ -85,7 +86,9 @@ def manifest(
         "provider": provider,
         "task_id": task_id,
         "input": dict(params),
-        "seed": params.get("seed"),
+        # The seed the provider reports it used (what a seed of -1 became), else the one sent.
+        "seed": params.get("seed") if reported_seed is None else reported_seed,
+        "seed_reported_by_provider": reported_seed is not None,
         "input_media": inputs,
         "timings": {"submitted_at": iso(submitted_at), "completed_at": iso(completed_at)},
         "cost_usd": cost_usd,

@@ -83,6 +83,8 @@ class Prediction(NamedTuple):
     error: str
     #: The provider flagged an output (``has_nsfw_contents``: one boolean per output).
     nsfw: bool = False
+    #: The seed the provider reports it used (``input.seed``), when it says.
+    seed: int | None = None
 
     @property
     def completed(self) -> bool:
@@ -123,7 +125,11 @@ def parse_prediction(data: Any) -> Prediction:
         raise ValueError("a completed prediction must have outputs")
     flags = data.get("has_nsfw_contents")
     nsfw = type(flags) is list and any(flag is True for flag in flags)
-    return Prediction(task_id, status, tuple(outputs), error[:2000], nsfw)
+    given = data.get("input")
+    seed = given.get("seed") if type(given) is dict else None
+    if type(seed) is not int:
+        seed = None
+    return Prediction(task_id, status, tuple(outputs), error[:2000], nsfw, seed)
 
 
 def _key(access: ProviderAccess) -> Secret:

@@ -62,6 +62,8 @@ class StageState:
     base_attempt: int = 0
     #: Its outputs came from the result cache (an earlier run's), not from the provider.
     cached: bool = False
+    #: The seed the provider reported for the task that made its outputs.
+    seed: int | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -151,6 +153,8 @@ class TaskSucceeded:
     outputs: tuple[str, ...]
     #: The provider flagged an output (``has_nsfw_contents``).
     nsfw: bool = False
+    #: The seed the provider reports it used, if it says.
+    seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +404,11 @@ def _task_event(
             error = f"{FAILED}: the provider flagged an output as NSFW (has_nsfw_contents)"
             return _retry_or_fail(pipeline, state, current, event.stage, error, now)
         done = dataclasses.replace(
-            current, status=StageStatus.PROCESSING, task_id=event.task_id, outputs=event.outputs
+            current,
+            status=StageStatus.PROCESSING,
+            task_id=event.task_id,
+            outputs=event.outputs,
+            seed=event.seed,
         )
         if state.mirror:
             return _with_stage(state, event.stage, done, (Mirror(event.stage, event.attempt),))

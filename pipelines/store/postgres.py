@@ -275,7 +275,7 @@ class PostgresStore:
             stages: dict[str, dict[str, StageState]] = {r: {} for r in missing}
             for r in await conn.fetch(
                 "SELECT run_id, name, status, attempt, task_id, outputs, mirrored, error, "
-                "base_attempt, cached FROM stages WHERE run_id = ANY($1) "
+                "base_attempt, cached, seed FROM stages WHERE run_id = ANY($1) "
                 "ORDER BY run_id, position",
                 missing,
             ):
@@ -288,6 +288,7 @@ class PostgresStore:
                     error=r[7],
                     base_attempt=r[8],
                     cached=r[9],
+                    seed=r[10],
                 )
             for run_id in missing:
                 cancelled, mirror, version = runs[run_id]

@@ -173,6 +173,10 @@ MIGRATIONS: tuple[str, ...] = (
         until DOUBLE PRECISION NOT NULL
     );
     """,
+    # 7: the seed the provider reported for a stage's task (its provenance).
+    """
+    ALTER TABLE stages ADD COLUMN seed BIGINT;
+    """,
 )
 
 

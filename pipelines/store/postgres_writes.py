@@ -39,6 +39,7 @@ class Writes:
                     stage.error,
                     stage.base_attempt,
                     stage.cached,
+                    stage.seed,
                     write.submitted,
                     now,
                     write.finished,
@@ -72,10 +73,10 @@ class Writes:
         if self.stages:
             await conn.executemany(
                 "UPDATE stages SET status = $1, attempt = $2, task_id = $3, outputs = $4, "
-                "mirrored = $5, error = $6, base_attempt = $7, cached = $8, "
-                "submitted_at = CASE WHEN $9 THEN $10 ELSE submitted_at END, "
-                "finished_at = CASE WHEN $11 THEN $10 ELSE NULL END "
-                "WHERE run_id = $12 AND name = $13",
+                "mirrored = $5, error = $6, base_attempt = $7, cached = $8, seed = $9, "
+                "submitted_at = CASE WHEN $10 THEN $11 ELSE submitted_at END, "
+                "finished_at = CASE WHEN $12 THEN $11 ELSE NULL END "
+                "WHERE run_id = $13 AND name = $14",
                 self.stages,
             )
         if self.deadlines:

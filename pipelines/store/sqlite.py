@@ -474,10 +474,11 @@ class SqliteStore:
                 error=r[6],
                 base_attempt=r[7],
                 cached=bool(r[8]),
+                seed=r[9],
             )
             for r in conn.execute(
                 "SELECT name, status, attempt, task_id, outputs, mirrored, error, base_attempt, "
-                "cached FROM stages WHERE run_id = ? ORDER BY position, rowid",
+                "cached, seed FROM stages WHERE run_id = ? ORDER BY position, rowid",
                 (run_id,),
             )
         }
@@ -510,7 +511,7 @@ class SqliteStore:
             stage = write.state
             conn.execute(
                 "UPDATE stages SET status = ?, attempt = ?, task_id = ?, outputs = ?, "
-                "mirrored = ?, error = ?, base_attempt = ?, cached = ?, "
+                "mirrored = ?, error = ?, base_attempt = ?, cached = ?, seed = ?, "
                 "submitted_at = CASE WHEN ? THEN ? ELSE submitted_at END, "
                 "finished_at = CASE WHEN ? THEN ? ELSE NULL END "
                 "WHERE run_id = ? AND name = ?",
@@ -523,6 +524,7 @@ class SqliteStore:
                     stage.error,
                     stage.base_attempt,
                     int(stage.cached),
+                    stage.seed,
                     write.submitted,
                     now,
                     write.finished,

@@ -165,4 +165,8 @@ MIGRATIONS: tuple[str, ...] = (
         until REAL NOT NULL
     );
     """,
+    # 8: the seed the provider reported for a stage's task (its provenance).
+    """
+    ALTER TABLE stages ADD COLUMN seed INTEGER;
+    """,
 )

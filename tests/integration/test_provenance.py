@@ -62,6 +62,7 @@ async def test_every_output_has_a_complete_manifest_and_lineage_reaches_the_prom
         assert doc["timings"]["submitted_at"] and doc["timings"]["completed_at"]
     image, video = manifests["image"], manifests["video"]
     assert image["input"]["prompt"] == "a paper boat" and image["seed"] == 3
+    assert image["seed_reported_by_provider"]
     assert image["input_media"] == [] and image["cost_usd"] is None  # its price is unknown
     (fed,) = video["input_media"]
     assert fed["stage"] == "image" and fed["uri"] == stages["image"]["mirrored_outputs"][0]
@@ -95,3 +96,15 @@ async def test_a_cached_output_s_manifest_names_where_it_was_copied_from(
     assert doc["cached_from"] == stages_of(first)["image"]["mirrored_outputs"][0]
     assert doc["run_id"] == again["id"] and doc["output"]["uri"] == copy
     assert doc["task_id"] == stages_of(first)["image"]["task_id"]  # who made the bytes
+
+
+async def test_the_seed_a_provider_picked_for_minus_one_is_recorded(
+    make_wavechain: WavechainFactory, aws: AwsSandbox
+) -> None:
+    wc = await make_wavechain(**aws_settings(aws))
+    run = await wc.wait((await wc.create_run("image_video_3d", seed=-1))["id"])
+    (uri,) = stages_of(run)["image"]["mirrored_outputs"]
+    doc = read(aws, uri + ".json")
+    assert doc is not None and doc["input"]["seed"] == -1  # what was sent
+    (task,) = [t for t in await wc.emulator.tasks() if t["id"] == doc["task_id"]]
+    assert doc["seed"] == task["input"]["seed"] != -1  # what the provider says it used
