@@ -124,7 +124,7 @@ def parse_prediction(data: Any) -> Prediction:
     if status == "completed" and not outputs:
         raise ValueError("a completed prediction must have outputs")
     flags = data.get("has_nsfw_contents")
-    nsfw = type(flags) is list and any(flag is True for flag in flags)
+    nsfw = type(flags) is list and True in flags  # (conservative: a flag of 1 counts)
     given = data.get("input")
     seed = given.get("seed") if type(given) is dict else None
     if type(seed) is not int:
