@@ -10,7 +10,8 @@ and not ``cache: false``) and an earlier succeeded stage had the same key:
   output standing for the sha256 of its content (not its URL, which changes per run);
 - a fixed seed: a model with a ``seed`` parameter must be given one that is not -1 (its
   random default) and not left out. A model with no seed parameter (Hunyuan3D) is taken
-  as deterministic in its input.
+  as deterministic in its input;
+- the same quality checks (a stage that checks more is not served what was checked less).
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def cache_key(
             body[param] = decl.default
     if why := unfixed_seed(model, body):
         return None, why
+    # The checks its outputs passed are part of it: a stage that checks more is not served
+    # an output that was checked less.
     canonical = json.dumps(
-        {"v": KEY_VERSION, "model": model.id, "input": body},
+        {"v": KEY_VERSION, "model": model.id, "input": body, "checks": sorted(stage.checks)},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

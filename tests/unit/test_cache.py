@@ -73,3 +73,9 @@ def test_a_stage_opts_in_or_out_over_the_global_setting() -> None:
     assert wants_cache(stage(IMG, {"prompt": "x"}), default=True)
     with pytest.raises(SpecError, match="cache: must be true or false"):
         stage(IMG, {"prompt": "x"}, cache="yes")
+
+
+def test_stages_with_other_checks_do_not_share_outputs() -> None:
+    checked = key(stage(IMG, {"prompt": "x", "seed": 7}))
+    assert checked != key(stage(IMG, {"prompt": "x", "seed": 7}, checks="off"))
+    assert checked == key(stage(IMG, {"prompt": "x", "seed": 7}, checks="on"))
