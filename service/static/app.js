@@ -215,7 +215,12 @@ async function showRun(runId) {
     main.replaceChildren(
       el("h1", {}, "Run ", el("code", {}, run.id), " ", badge(run.status)),
       el("p", { class: "muted" }, `${run.pipeline} · started ${ago(run.created_at)} · `,
-        `${duration(run)} · cost ${cost(run)}`),
+        `${duration(run)} · cost ${cost(run)}`,
+        typeof run.budget_usd === "number" ? ` of $${run.budget_usd.toFixed(2)} budget` : "",
+        run.deadline_at ? ` · deadline ${run.deadline_at}` : "",
+        run.priority !== undefined && run.priority !== 5 ? ` · priority ${run.priority}` : "",
+        run.concurrency_key ? ` · key ${run.concurrency_key}` : "",
+        run.concurrency_limit ? ` (at most ${run.concurrency_limit} at once)` : ""),
       el("dl", { class: "inputs" }, Object.entries(run.inputs || {}).map(([k, v]) =>
         [el("dt", {}, k), el("dd", { "data-input": k }, typeof v === "string" ? v : JSON.stringify(v))])),
       actions(run),
