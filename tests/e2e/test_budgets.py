@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from tests.support.postgres import Databases
-from tests.support.procs import free_port, serve_env, wavechain
+from tests.support.procs import free_port, run_ended, serve_env, wavechain
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +28,6 @@ PIPELINE: dict[str, Any] = {
     "stages": {"a": {"model": IMG, "input": {"prompt": "p"}}},
 }
 RUNS = 20
-
-
-def _ended(api: str, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run: dict[str, Any] = requests.get(f"{api}/v1/runs/{run_id}", timeout=5).json()
-        if run["status"] != "running":
-            return run
-        time.sleep(0.2)
-    raise AssertionError(f"run {run_id} still running")
 
 
 def test_two_processes_on_one_database_never_cross_the_daily_cap(
@@ -76,7 +65,7 @@ def test_two_processes_on_one_database_never_cross_the_daily_cap(
         assert all("DAILY_BUDGET_USD" in error for error in refused), refused
         created = [r.json()["id"] for r in answers if r.status_code == 201]
         assert len(created) >= 4  # enough to reach the cap
-        runs = [_ended(apis[0], run_id) for run_id in created]
+        runs = [run_ended(apis[0], run_id) for run_id in created]
         print(f"{len(created)} runs created, {len(refused)} refused at creation")
 
         counters = requests.get(f"{emu}/_emulator/stats", timeout=5).json()["counters"]

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from tests.support.aws import sandbox
-from tests.support.procs import Stack, stack
+from tests.support.procs import Stack, run_ended, stack
 
 pytestmark = pytest.mark.e2e
 
@@ -41,13 +40,7 @@ CHAIN: dict[str, Any] = {
 def _run(urls: Stack) -> dict[str, Any]:
     r = requests.post(f"{urls.api}/v1/runs", json={"pipeline": CHAIN}, timeout=10)
     assert r.status_code == 201, r.text
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        run: dict[str, Any] = requests.get(f"{urls.api}/v1/runs/{r.json()['id']}", timeout=5).json()
-        if run["status"] != "running":
-            return run
-        time.sleep(0.1)
-    raise AssertionError("the run did not end")
+    return run_ended(urls.api, r.json()["id"])
 
 
 def _faults(urls: Stack, **faults: Any) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +13,12 @@ import pytest
 import requests
 
 from tests.support.aws import sandbox
-from tests.support.procs import stack
+from tests.support.procs import run_ended, stack
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "whsec_cmVzdWx0LWNhY2hlLXRlc3Q="
 I2V = "wavespeed-ai/hunyuan-video/i2v"
-
-
-def _ended(api: str, run_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        run: dict[str, Any] = requests.get(f"{api}/v1/runs/{run_id}", timeout=5).json()
-        if run["status"] != "running":
-            return run
-        time.sleep(0.1)
-    raise AssertionError(f"run {run_id} still running")
 
 
 def test_a_repeated_run_makes_no_provider_call(tmp_path: Path, moto_endpoint: str) -> None:
@@ -47,7 +36,7 @@ def test_a_repeated_run_makes_no_provider_call(tmp_path: Path, moto_endpoint: st
         for _ in range(2):
             r = requests.post(f"{urls.api}/v1/runs", json=body, timeout=10)
             assert r.status_code == 201, r.text
-            runs.append(_ended(urls.api, r.json()["id"]))
+            runs.append(run_ended(urls.api, r.json()["id"]))
         first, second = runs
         assert first["status"] == second["status"] == "succeeded"
         counters = requests.get(f"{urls.emulator}/_emulator/stats", timeout=5).json()["counters"]

@@ -13,21 +13,11 @@ from typing import Any
 
 import requests
 
-from tests.support.procs import free_port, serve_env, wavechain
+from tests.support.procs import free_port, run_ended, serve_env, wavechain
 
 SECRET = "whsec_Z292ZXJub3ItdGVzdC1zZWNyZXQ="
 IMG = "wavespeed-ai/hunyuan-image-2.1"
 PIPELINE = {"name": "governed", "stages": {"a": {"model": IMG, "input": {"prompt": "p"}}}}
-
-
-def _ended(api: str, run_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run: dict[str, Any] = requests.get(f"{api}/v1/runs/{run_id}", timeout=10).json()
-        if run["status"] != "running":
-            return run
-        time.sleep(0.2)
-    raise AssertionError(f"run {run_id} still running")
 
 
 def governed_batch(
@@ -67,7 +57,7 @@ def governed_batch(
         time.sleep(window_s / 2)  # the batch is waiting on the governor now
         asked = time.monotonic()  # the emulator, another process, reads the same clock
         urgent = start(1, "interactive")
-        ended = [_ended(apis[0], run_id, timeout=runs / per_window * window_s * 3 + 30)
+        ended = [run_ended(apis[0], run_id, timeout=runs / per_window * window_s * 3 + 30)
                  for run_id in [*batch, urgent]]  # fmt: skip
         tasks = requests.get(f"{emu}/_emulator/tasks", timeout=10).json()
         counters = requests.get(f"{emu}/_emulator/stats", timeout=10).json()["counters"]

@@ -11,7 +11,9 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import requests
 
 
 def free_port() -> int:
@@ -103,3 +105,14 @@ def stack(tmp: Path, secret: str, env: Mapping[str, str], *, latency: float) -> 
         wavechain("--log-json", "serve", port=port, log=tmp / "serve.log", env=full),
     ):  # fmt: skip
         yield Stack(f"http://127.0.0.1:{port}", emu)
+
+
+def run_ended(api: str, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Read the run over the REST API until it is no longer running; the run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run: dict[str, Any] = requests.get(f"{api}/v1/runs/{run_id}", timeout=10).json()
+        if run["status"] != "running":
+            return run
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} still running after {timeout} s")
