@@ -746,16 +746,7 @@ class Engine:
         spec = ctx.pipeline.stages[job.stage]
         model = get_model(spec.model)
         upstream = {n: list(s.mirrored or s.outputs) for n, s in ctx.upstream.items()}
-        # Rendered with stand-in URLs (a parameter takes http(s) URLs), then each stand-in
-        # replaced by the S3 copy it stands for: the input as sent, named durably.
-        stand_ins = {f"https://upstream.invalid/{n}/{i}": uri
-                     for n, uris in upstream.items() for i, uri in enumerate(uris)}  # fmt: skip
-        by_uri = {uri: url for url, uri in stand_ins.items()}
-        rendered = render(
-            spec, ctx.inputs, {n: [by_uri[u] for u in uris] for n, uris in upstream.items()},
-            where=f"run {job.run_id}",
-        )  # fmt: skip
-        params = {k: stand_ins.get(v, v) if isinstance(v, str) else v for k, v in rendered.items()}
+        params = render(spec, ctx.inputs, upstream, where=f"run {job.run_id}", validate=False)
         if current.stage.error.startswith(FAILED):
             params = reseeded(params, job.attempt - current.stage.base_attempt)
         digests = {

@@ -216,6 +216,8 @@ class S3Mirror:
         listing = await self._on_bucket(self._s3.list_objects_v2, Prefix=f"{stem}.", MaxKeys=5)
         for item in listing.get("Contents", []):
             bucket, key = self.config.bucket, item["Key"]
+            if key.endswith(".json"):
+                continue  # an output's provenance manifest, beside it
             head = await self._on_bucket(self._s3.head_object, Key=key)
             if not task_id or head.get("Metadata", {}).get("task-id") != task_id:
                 continue

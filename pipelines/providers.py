@@ -186,6 +186,23 @@ async def _read_json(resp: aiohttp.ClientResponse) -> Any:
         return None
 
 
+class _Answer(NamedTuple):
+    status: int
+    payload: Any
+    reason: str
+    headers: Mapping[str, str]
+
+    def error(self, what: str, *, fallback: str = "") -> ProviderError:
+        """The answer as an error: throttling and 5xx retryable, other refusals not."""
+        message = _message(self.payload, fallback or self.reason)
+        return ProviderError(
+            f"WaveSpeed {what}: HTTP {self.status}: {message}",
+            retryable=self.status == 429 or self.status >= 500,
+            status=self.status,
+            retry_after=_retry_after(self.headers),
+        )
+
+
 class WaveSpeedClient:
     def __init__(
         self, session: aiohttp.ClientSession, access: ProviderAccess, *, timeout_s: float = 30.0
@@ -241,55 +258,40 @@ class WaveSpeedClient:
             _counted("wavespeed", "result", None)
             raise ProviderError(f"get result failed: {type(exc).__name__}", retryable=True) from exc
 
+    async def _ask(self, method: str, path: str, endpoint: str) -> _Answer:
+        """A request whose answer may be retried (nothing is created by asking): no answer
+        is a retryable ProviderError; any HTTP answer is returned, counted."""
+        try:
+            async with self._session.request(
+                method, f"{self._base}{path}", headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                _counted("wavespeed", endpoint, resp.status)
+                payload = await _read_json(resp)
+                return _Answer(resp.status, payload, resp.reason or "", resp.headers)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            _counted("wavespeed", endpoint, None)
+            raise ProviderError(
+                f"WaveSpeed {endpoint}: no answer ({type(exc).__name__})", retryable=True
+            ) from exc
+
     async def delete(self, task_id: str) -> bool:
         """Delete (cancel) a task: True when the provider deleted it, False when it does not
         know it (404: gone already, or never made). Throttling, a 5xx and a lost answer are
         retryable (deleting twice is harmless); another refusal (401, 403) is not."""
-        url = f"{self._base}/api/v3/predictions/{quote(task_id, safe='')}"
-        try:
-            async with self._session.delete(
-                url, headers=self._headers(), timeout=self._timeout
-            ) as resp:
-                status = resp.status
-                _counted("wavespeed", "delete", status)
-                payload = await _read_json(resp)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            _counted("wavespeed", "delete", None)
-            raise ProviderError(f"delete failed: {type(exc).__name__}", retryable=True) from exc
-        if status == 404:
-            return False
-        if status == 200:
-            return True
-        raise ProviderError(
-            f"WaveSpeed delete: HTTP {status}: {_message(payload, resp.reason or '')}",
-            retryable=status == 429 or status >= 500,
-            status=status,
-            retry_after=_retry_after(resp.headers),
+        answer = await self._ask(
+            "DELETE", f"/api/v3/predictions/{quote(task_id, safe='')}", "delete"
         )
+        if answer.status in (200, 404):
+            return answer.status == 200
+        raise answer.error("delete")
 
     async def balance(self) -> float:
         """The account's balance in USD (``GET /api/v3/account/balance``)."""
-        url = f"{self._base}/api/v3/account/balance"
-        try:
-            async with self._session.get(
-                url, headers=self._headers(), timeout=self._timeout
-            ) as resp:
-                _counted("wavespeed", "balance", resp.status)
-                body = await _read_json(resp)
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            _counted("wavespeed", "balance", None)
-            raise ProviderError(
-                f"WaveSpeed balance: no answer ({type(exc).__name__})", retryable=True
-            ) from exc
-        data = body.get("data") if isinstance(body, Mapping) else None
+        answer = await self._ask("GET", "/api/v3/account/balance", "balance")
+        data = answer.payload.get("data") if isinstance(answer.payload, Mapping) else None
         value = data.get("balance") if isinstance(data, Mapping) else None
-        if status != 200 or isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProviderError(
-                f"WaveSpeed balance: HTTP {status}: {_message(body, 'no balance in the answer')}",
-                retryable=status == 429 or status >= 500,
-                status=status,
-            )
+        if answer.status != 200 or isinstance(value, bool) or not isinstance(value, int | float):
+            raise answer.error("balance", fallback="no balance in the answer")
         return float(value)
 
     async def webhook_secret(self) -> Secret:

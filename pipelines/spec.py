@@ -587,11 +587,14 @@ def render(
     *,
     where: str = "run",
     placeholders: bool = False,
+    validate: bool = True,
 ) -> dict[str, Any]:
     """The request body for ``stage``: references resolved, defaults left to the provider.
 
     With ``placeholders`` an upstream output that does not exist yet becomes a dummy
-    URL, so a stage can be checked before its upstream has run.
+    URL, so a stage can be checked before its upstream has run. Without ``validate`` the
+    values are not checked against the model (a record of what was sent, with upstream
+    outputs named by their s3:// copies).
     """
     problems = _Problems(where)
 
@@ -623,7 +626,7 @@ def render(
             value = resolve(whole[1])
         elif isinstance(value, str):
             value = _REF.sub(lambda m: str(resolve(m[1])), value)
-        if (rule := check_value(model.params[param], value)) is not None:
+        if validate and (rule := check_value(model.params[param], value)) is not None:
             problems.add(stage.name, f"input.{param}", rule)
         body[param] = value
     problems.raise_if_any()

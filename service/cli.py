@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -394,23 +394,30 @@ async def _show(
     return 0 if run["status"] in ("succeeded", "running") else 1
 
 
-def _number_or_text(value: str | None) -> str | int | float | None:
-    """A flag's value as the API takes it: numbers as numbers (seconds, a priority)."""
-    if value is None or not value.replace(".", "", 1).isdigit():
-        return value
-    return int(value) if value.isdigit() else float(value)
+def _deadline_arg(value: str | None) -> str | float | None:
+    """--deadline: seconds (a number), or an ISO 8601 time left as text."""
+    return float(value) if value is not None and value.replace(".", "", 1).isdigit() else value
 
 
 async def _start_run(client: ApiClient, args: argparse.Namespace) -> dict[str, Any]:
-    deadline, priority = _number_or_text(args.deadline), _number_or_text(args.priority)
+    priority = args.priority
     return await client.create_run(
         _pipeline_arg(args.pipeline),
         dict(args.set),
-        deadline=deadline,
+        deadline=_deadline_arg(args.deadline),
         budget_usd=args.budget_usd,
-        priority=priority if not isinstance(priority, float) else args.priority,
+        priority=int(priority) if priority is not None and priority.isdigit() else priority,
         concurrency=(args.concurrency_key, args.concurrency_limit),
     )
+
+
+def _print(args: argparse.Namespace, value: Any, as_text: Callable[[Any], str]) -> int:
+    """``value`` as JSON with --json, else as text."""
+    if args.json:
+        dump(value, sys.stdout)
+    else:
+        print(as_text(value))
+    return 0
 
 
 async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -431,25 +438,11 @@ async def _client_command(args: argparse.Namespace, env: Mapping[str, str]) -> i
             if not 1 <= args.limit <= 200:
                 raise SpecError(f"--limit must be in range 1..200, got {args.limit}")
             runs = await client.list_runs(args.limit, status=args.status, pipeline=args.pipeline)
-            if args.json:
-                dump(runs, sys.stdout)
-            else:
-                print(runs_table(runs, time.time()))
-            return 0
+            return _print(args, runs, lambda r: runs_table(r, time.time()))
         if args.command == "spend":
-            report = await client.spend(since=args.since, by=args.by)
-            if args.json:
-                dump(report, sys.stdout)
-            else:
-                print(spend_table(report))
-            return 0
+            return _print(args, await client.spend(since=args.since, by=args.by), spend_table)
         if args.command == "pipelines":
-            pipelines = await client.pipelines()
-            if args.json:
-                dump(pipelines, sys.stdout)
-            else:
-                print(pipelines_table(pipelines))
-            return 0
+            return _print(args, await client.pipelines(), pipelines_table)
         if args.command == "retry":
             run = await client.retry(args.run_id, args.from_stage)
             return await _show(client, run, args, wait=args.wait)

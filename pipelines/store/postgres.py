@@ -88,6 +88,7 @@ from pipelines.store.rows import (
 )
 from pipelines.transitions import (
     AttemptRow,
+    AttemptState,
     Transition,
     WebhookEffect,
     plan,
@@ -773,26 +774,14 @@ class PostgresStore:
                 job.stage,
                 job.attempt,
             )
-            await conn.execute(
-                "UPDATE attempts SET state = 'unknown' "
-                "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
-                job.run_id,
-                job.stage,
-                job.attempt,
-            )
+            await _set_attempt_state(conn, job, "unknown")
             await conn.execute("DELETE FROM jobs WHERE id = $1", job.id)
 
         await self._tx(op)
 
     async def attempt_rejected(self, job: Job) -> None:
         async def op(conn: Any) -> None:
-            await conn.execute(
-                "UPDATE attempts SET state = 'rejected' "
-                "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
-                job.run_id,
-                job.stage,
-                job.attempt,
-            )
+            await _set_attempt_state(conn, job, "rejected")
             await conn.execute(
                 "UPDATE spend SET usd = 0, source = 'rejected' "
                 "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
@@ -968,13 +957,7 @@ class PostgresStore:
     async def finish_delete(self, job: Job, *, deleted: bool) -> None:
         async def op(conn: Any) -> None:
             if deleted:
-                await conn.execute(
-                    "UPDATE attempts SET state = 'deleted' "
-                    "WHERE run_id = $1 AND stage = $2 AND attempt = $3",
-                    job.run_id,
-                    job.stage,
-                    job.attempt,
-                )
+                await _set_attempt_state(conn, job, "deleted")
             await conn.execute("DELETE FROM jobs WHERE id = $1", job.id)
 
         await self._tx(op)
@@ -1249,6 +1232,16 @@ class PostgresStore:
             )
         )
         return [dict(r) for r in rows]
+
+
+async def _set_attempt_state(conn: Any, job: Job, state: AttemptState) -> None:
+    await conn.execute(
+        "UPDATE attempts SET state = $1 WHERE run_id = $2 AND stage = $3 AND attempt = $4",
+        state,
+        job.run_id,
+        job.stage,
+        job.attempt,
+    )
 
 
 async def _views(conn: Any, runs: Sequence[Any]) -> list[RunView]:

@@ -14,6 +14,18 @@ from pipelines.state import StageState
 from pipelines.transitions import WebhookEffect, iso
 
 
+class Spent(NamedTuple):
+    """A sum of ledger rows: what is known, and how many attempts had no known price."""
+
+    known_usd: float = 0.0
+    unknown: int = 0
+
+    @property
+    def usd(self) -> float | None:
+        """The total, or None when part of it is unknown (never shown as zero)."""
+        return None if self.unknown else round(self.known_usd, 6)
+
+
 @dataclass(frozen=True, slots=True)
 class StageView:
     name: str
@@ -29,7 +41,7 @@ class StageView:
     #: The stages this one waits for (the pipeline's graph).
     needs: list[str] = field(default_factory=list)
     #: What its attempts cost (the spend ledger).
-    spent: Spent = field(default_factory=lambda: Spent())
+    spent: Spent = field(default_factory=Spent)
     #: Served from the result cache (no provider call).
     cached: bool = False
 
@@ -257,18 +269,6 @@ class Charge(NamedTuple):
     daily_cap_usd: float | None = None
     #: Where the current day (for the daily cap) began.
     day_start: float = 0.0
-
-
-class Spent(NamedTuple):
-    """A sum of ledger rows: what is known, and how many attempts had no known price."""
-
-    known_usd: float = 0.0
-    unknown: int = 0
-
-    @property
-    def usd(self) -> float | None:
-        """The total, or None when part of it is unknown (never shown as zero)."""
-        return None if self.unknown else round(self.known_usd, 6)
 
 
 class Idempotency(NamedTuple):

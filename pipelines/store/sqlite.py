@@ -85,6 +85,7 @@ from pipelines.store.sqlite_schema import MIGRATIONS
 from pipelines.store.sqlite_writer import GroupCommitter, connect
 from pipelines.transitions import (
     AttemptRow,
+    AttemptState,
     Transition,
     WebhookEffect,
     plan,
@@ -726,27 +727,18 @@ class SqliteStore:
                 "WHERE run_id = ? AND name = ? AND attempt = ?",
                 (now + limit, now + limit, job.run_id, job.stage, job.attempt),
             )
-            conn.execute(
-                "UPDATE attempts SET state = 'unknown' "
-                "WHERE run_id = ? AND stage = ? AND attempt = ?",
-                (job.run_id, job.stage, job.attempt),
-            )
+            _set_attempt_state(conn, job, "unknown")
             conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
 
         await self._db.run(op)
 
     async def attempt_rejected(self, job: Job) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            key = (job.run_id, job.stage, job.attempt)
-            conn.execute(
-                "UPDATE attempts SET state = 'rejected' "
-                "WHERE run_id = ? AND stage = ? AND attempt = ?",
-                key,
-            )
+            _set_attempt_state(conn, job, "rejected")
             conn.execute(
                 "UPDATE spend SET usd = 0, source = 'rejected' "
                 "WHERE run_id = ? AND stage = ? AND attempt = ?",
-                key,
+                (job.run_id, job.stage, job.attempt),
             )
 
         await self._db.run(op)
@@ -895,11 +887,7 @@ class SqliteStore:
     async def finish_delete(self, job: Job, *, deleted: bool) -> None:
         def op(conn: sqlite3.Connection) -> None:
             if deleted:
-                conn.execute(
-                    "UPDATE attempts SET state = 'deleted' "
-                    "WHERE run_id = ? AND stage = ? AND attempt = ?",
-                    (job.run_id, job.stage, job.attempt),
-                )
+                _set_attempt_state(conn, job, "deleted")
             conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
 
         await self._db.run(op)
@@ -1169,6 +1157,13 @@ class _Duplicate(Exception):
     def __init__(self, run_id: str, stage: str) -> None:
         super().__init__(run_id)
         self.run_id, self.stage = run_id, stage
+
+
+def _set_attempt_state(conn: sqlite3.Connection, job: Job, state: AttemptState) -> None:
+    conn.execute(
+        "UPDATE attempts SET state = ? WHERE run_id = ? AND stage = ? AND attempt = ?",
+        (state, job.run_id, job.stage, job.attempt),
+    )
 
 
 def _views(conn: sqlite3.Connection, runs: Sequence[tuple[Any, ...]]) -> list[RunView]:

@@ -25,7 +25,7 @@ from service.openapi import document
 from service.routes import setup_routes
 from tests.support.aws import AwsSandbox, sandbox
 from tests.support.postgres import Databases
-from tests.support.procs import emulator_and_serve
+from tests.support.procs import emulator_and_serve, run_ended
 
 SECRET = "whsec_b3BlbmFwaS10ZXN0LXNlY3JldA=="
 TOKEN = "openapi-token-for-the-test"
@@ -109,16 +109,8 @@ def test_the_dashboard_and_the_cli_call_only_documented_routes() -> None:
 # The live server ------------------------------------------------------------------------
 
 
-def _wait(api: str, run_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        run: dict[str, Any] = requests.get(
-            f"{api}/v1/runs/{run_id}", headers=AUTH, timeout=10
-        ).json()
-        if run["status"] != "running":
-            return run
-        assert time.monotonic() < deadline, run
-        time.sleep(0.1)
+def _wait(api: str, run_id: str) -> dict[str, Any]:
+    return run_ended(api, run_id, headers=AUTH)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

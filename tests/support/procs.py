@@ -107,11 +107,14 @@ def stack(tmp: Path, secret: str, env: Mapping[str, str], *, latency: float) -> 
         yield Stack(f"http://127.0.0.1:{port}", emu)
 
 
-def run_ended(api: str, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
+def run_ended(
+    api: str, run_id: str, timeout: float = 60.0, *, headers: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Read the run over the REST API until it is no longer running; the run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run: dict[str, Any] = requests.get(f"{api}/v1/runs/{run_id}", timeout=10).json()
+        url = f"{api}/v1/runs/{run_id}"
+        run: dict[str, Any] = requests.get(url, headers=headers, timeout=10).json()
         if run["status"] != "running":
             return run
         time.sleep(0.1)
